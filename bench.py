@@ -1,0 +1,174 @@
+"""Speed benchmarks: training target tokens/s and decoding source words/s.
+
+    python bench.py                          # the BENCHMARKS.md table (2x500 and 4x1000 LSTMs)
+    python bench.py --sizes 2x500 --json out.json
+
+Training: random sentences of 5-20 tokens over a 500-word vocabulary, 64 sentences a batch
+(bucketed by length, as train.py batches), general attention, input feeding, dropout 0.2, Adam,
+gradient clipping at 5: one full step is forward + backward + update, timed after warm-up.
+Throughput is non-padding target tokens (EOS included) per second. The GFLOP/s column counts
+the model's multiply-adds (see `forward_macs`), times 2 for FLOPs, times 3 for forward +
+backward, and is printed next to the GFLOP/s of a plain large matrix product on this machine,
+so you can see how much of the hardware the model uses.
+
+Decoding: random weights never emit EOS reliably, so every output is exactly as long as its
+source (max_len_a=1, max_len_b=0), which is how long a real translation roughly is. Speed is
+source words per second over the whole set, batches of 32 sentences.
+"""
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import beam
+import data
+import model as M
+
+
+def matmul_gflops(n=2048, repeats=10):
+    """GFLOP/s of a plain n x n float32 matrix product: the machine's practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def random_examples(n, vocab, min_len=5, max_len=20, seed=0):
+    """n (src_ids, tgt_ids) pairs of random lengths in [min_len, max_len], ids from the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+
+    def sentence():
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        return torch.randint(4, vocab, (length,), generator=g).tolist()
+    return [(sentence(), sentence()) for _ in range(n)]
+
+
+def forward_macs(cfg, src_len, tgt_len):
+    """Multiply-adds of one sentence's forward pass through the LSTM (teacher forcing).
+
+    An LSTM layer with input size I and H units costs 4H(I + H) per token (four gates);
+    the attention costs, per target token, the score and context over S source positions (2SH),
+    plus H*H per source position once for `general` keys; h~ = tanh(W_c[c; h]) costs 2H*H;
+    the output layer H*V. Embedding look-ups, softmaxes and element-wise ops are not counted."""
+    E, H, L, V = cfg.emb_dim, cfg.hidden, cfg.layers, cfg.tgt_vocab
+    enc = 4 * H * (E + H) + (L - 1) * 4 * H * (H + H)          # per source token (unidirectional)
+    if cfg.bidirectional:
+        h = H // 2
+        enc = 2 * (4 * h * (E + h) + (L - 1) * 4 * h * (H + h))
+    first = E + (H if cfg.input_feed else 0)
+    dec = 4 * H * (first + H) + (L - 1) * 4 * H * (H + H)      # per target token
+    dec += 2 * src_len * H + 2 * H * H + H * V                  # attention, W_c, generator
+    keys = H * H if cfg.attention in ("general", "concat") else 0
+    return src_len * (enc + keys) + tgt_len * dec
+
+
+def bench_train(cfg, examples, batch_size=64, steps=20, warmup=3, seed=0):
+    """Time full training steps. Returns target tokens/s and achieved GFLOP/s."""
+    torch.manual_seed(seed)
+    model = M.Seq2Seq(cfg).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = data.batches(examples, batch_size=batch_size, shuffle=True, seed=seed)
+    batches = (batches * (1 + (steps + warmup) // len(batches)))[:steps + warmup]
+    tokens = flops = 0
+    for i, b in enumerate(batches):
+        if i == warmup:
+            t0, tokens, flops = time.perf_counter(), 0, 0
+        logits, _ = model(b.src, b.src_mask, b.tgt_in)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(),
+                                                 ignore_index=data.PAD)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        tokens += b.ntokens
+        # padded shapes are what the hardware computes
+        flops += 3 * 2 * b.src.size(0) * forward_macs(cfg, b.src.size(1), b.tgt_in.size(1))
+    seconds = time.perf_counter() - t0
+    return {"train_tok_s": tokens / seconds, "train_gflops": flops / seconds / 1e9}
+
+
+@torch.no_grad()
+def bench_decode(cfg, examples, beam_size, batch_size=32, seed=0):
+    """Source words/s of greedy (beam_size 1) or beam search over the source sides of `examples`."""
+    torch.manual_seed(seed)
+    model = M.Seq2Seq(cfg).eval()
+    srcs = sorted((s for s, _ in examples), key=len)
+    words = sum(len(s) for s in srcs)
+    t0 = time.perf_counter()
+    for i in range(0, len(srcs), batch_size):
+        chunk = srcs[i:i + batch_size]
+        src = torch.full((len(chunk), max(map(len, chunk))), data.PAD)
+        for j, s in enumerate(chunk):
+            src[j, :len(s)] = torch.tensor(s)
+        if beam_size == 1:
+            beam.greedy(model, src, src != data.PAD, max_len_a=1.0, max_len_b=0)
+        else:
+            beam.beam_search(model, src, src != data.PAD, beam=beam_size, max_len_a=1.0, max_len_b=0)
+    return words / (time.perf_counter() - t0)
+
+
+def parse_size(text, vocab):
+    """'2x500' -> the benchmark config: layers x hidden, embeddings of the hidden size."""
+    layers, hidden = (int(x) for x in text.lower().split("x"))
+    return M.LSTMConfig(src_vocab=vocab, tgt_vocab=vocab, emb_dim=hidden, hidden=hidden,
+                        layers=layers, attention="general", input_feed=True, dropout=0.2)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="2x500,4x1000", help="comma-separated LAYERSxHIDDEN LSTM sizes")
+    p.add_argument("--vocab", type=int, default=500, help="source and target vocabulary size")
+    p.add_argument("--batch-size", type=int, default=64, help="training sentences per batch")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps (after 3 warm-up steps)")
+    p.add_argument("--decode-sentences", type=int, default=200, help="sentences decoded per measurement")
+    p.add_argument("--beam", type=int, default=5, help="beam size of the beam-search measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--skip-train", action="store_true", help="measure decoding only")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    peak = matmul_gflops()
+    train_set = random_examples(args.batch_size * 8, args.vocab, seed=1)
+    decode_set = random_examples(args.decode_sentences, args.vocab, seed=2)
+    rows = []
+    for size in args.sizes.split(","):
+        cfg = parse_size(size, args.vocab)
+        row = {"size": size, "params": M.count_params(M.Seq2Seq(cfg))}
+        if not args.skip_train:
+            row.update(bench_train(cfg, train_set, args.batch_size, args.steps))
+        row["greedy_words_s"] = bench_decode(cfg, decode_set, 1)
+        row[f"beam{args.beam}_words_s"] = bench_decode(cfg, decode_set, args.beam)
+        rows.append(row)
+        print(f"{size}: " + ", ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v:,}"
+                                      for k, v in row.items() if k != "size"), flush=True)
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; plain {2048}x{2048} matmul: {peak:.0f} GFLOP/s\n")
+    beam_key = f"beam{args.beam}_words_s"
+    print(f"| LSTM | params | train tgt tok/s | train GFLOP/s | greedy src words/s | beam {args.beam} src words/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        train = (f"{r['train_tok_s']:,.0f} | {r['train_gflops']:.0f} ({100 * r['train_gflops'] / peak:.0f}% of matmul)"
+                 if "train_tok_s" in r else "- | -")
+        print(f"| {r['size']} | {r['params'] / 1e6:.1f}m | {train} | {r['greedy_words_s']:,.0f} | {r[beam_key]:,.0f} |")
+    by_size = {r["size"]: r for r in rows}
+    if "2x500" in by_size and "4x1000" in by_size:
+        ratio = by_size["2x500"]["greedy_words_s"] / by_size["4x1000"][beam_key]
+        print(f"\ngreedy 2x500 vs beam-{args.beam} 4x1000: {ratio:.1f}x faster (Kim & Rush 2016, Table 2: 8.1x on CPU)")
+    for r in rows:
+        print(f"{r['size']}: beam {args.beam} is {r['greedy_words_s'] / r[beam_key]:.1f}x slower than greedy")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"matmul_gflops": peak, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

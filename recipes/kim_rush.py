@@ -1,0 +1,408 @@
+"""
+Kim & Rush (2016), "Sequence-Level Knowledge Distillation", Table 1 with one command.
+
+    python recipes/kim_rush.py --builtin                       # built-in corpus, ~10 min on 2 CPU cores
+    python recipes/kim_rush.py --corpus ../shared/data/multi30k --src en --tgt de \
+        --test-split test_2016_flickr --run-dir runs/kim_rush_multi30k
+
+The recipe is a flat list of steps. Each step calls the same entry points a user would type,
+train.main([...flags...]) and beam.main([...flags...]), and writes its outputs under the run
+folder; a step whose output already exists is skipped, so after an interrupt (Ctrl-C, a crash, a
+reboot) the same command continues where it stopped (a half-finished training resumes with
+train.py --resume, a half-finished translation resumes from its OUT.partial file).
+
+  step 1   train the teacher                                     -> teacher/best.pt
+  step 2   Seq-KD data: the teacher's beam-5 translation of the training source (section 3.2)
+                                                                 -> distill/train.seqkd.TGT
+  step 3   Seq-Inter data: the teacher's K-best list of each training sentence, keeping the
+           entry closest to the reference by smoothed sentence BLEU (section 3.3)
+                                                                 -> distill/train.seqinter.TGT
+  step 4   teacher + Seq-Inter: fine-tune the teacher on the Seq-Inter data (smaller lr)
+  step 5   student baseline: NLL on the reference translations
+  step 6   Word-KD: the student matches the teacher's word distributions on the references (3.1)
+  step 7   Seq-KD: NLL on the Seq-KD data
+  step 8   Seq-KD + Word-KD: Word-KD on the Seq-KD data
+  step 9   Seq-KD + Seq-Inter: fine-tune the Seq-KD student on the Seq-Inter data (smaller lr)
+  step 10  Seq-KD + Seq-Inter + Word-KD: fine-tune the Seq-KD + Word-KD student on the Seq-Inter
+           data with Word-KD (our reading of the paper's last row)
+  step 11  the Table 1 columns of every model on the test set (beam.py --report)
+  step 12  the table: RUN_DIR/table1.md and RUN_DIR/table1.json
+
+Every student takes the teacher's vocabularies (--vocab-from, or --teacher/--init which imply
+it), so Word-KD compares distributions over the same words. Every model is chosen by validation
+greedy BLEU (train.py --best-metric bleu), the same rule for every row: a Seq-KD student's
+perplexity on the references rises while its BLEU improves (the paper's Table 1), so choosing by
+perplexity would penalise exactly the models distillation is about.
+
+The hyper-parameters are fixed below, before any run, and are not tuned toward the paper's claims.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root
+
+import torch  # noqa: E402
+
+import beam  # noqa: E402
+import data  # noqa: E402
+import train  # noqa: E402
+from data import UserError  # noqa: E402
+from model import pick_device  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters, fixed up front. One dict per setting; the student has about 1/4 of the
+# teacher's parameters (as the paper's 2x500 student against its 4x1000 teacher is ~1/4-1/5).
+# ---------------------------------------------------------------------------------------------
+
+SETTINGS = {
+    # A real corpus (e.g. Multi30k, 29k pairs) on 2 CPU cores in about 2 hours.
+    "corpus": dict(
+        tokenizer=["--tokenizer", "spm", "--joint-vocab", "--src-vocab-size", "8000"],
+        teacher=["--layers", "2", "--hidden", "256", "--emb-dim", "256", "--dropout", "0.3"],
+        student=["--layers", "1", "--hidden", "128", "--emb-dim", "128", "--dropout", "0.2"],
+        optim=["--optim", "adam", "--batch-size", "64", "--decay-after", "6"],
+        lr=1e-3,              # Adam, teacher and students
+        finetune_lr=1e-4,     # Seq-Inter fine-tuning: 10x smaller, as the paper fine-tunes with a smaller rate
+        teacher_epochs=10,
+        student_epochs=10,
+        finetune_epochs=2,
+        kd_alpha=0.5,         # the paper's alpha, T = 1
+        seqkd_beam=5,         # the paper's K for Seq-KD data
+        seqinter_beam=12,     # the paper used K = 35; 12 keeps the 29k-sentence pass under ~30 min on 2 CPU cores
+        report_beam=5,
+        max_train=None,       # use every training pair
+        max_eval=None,        # and every validation and test pair
+    ),
+    # The built-in synthetic corpus (data.builtin_splits): the whole table in ~10 minutes on 2 cores.
+    "builtin": dict(
+        tokenizer=["--tokenizer", "word"],
+        teacher=["--layers", "1", "--hidden", "128", "--emb-dim", "64", "--dropout", "0.1"],
+        student=["--layers", "1", "--hidden", "48", "--emb-dim", "32", "--dropout", "0.1"],
+        optim=["--optim", "adam", "--batch-size", "64"],
+        lr=3e-3,
+        finetune_lr=3e-4,
+        teacher_epochs=3,
+        student_epochs=3,
+        finetune_epochs=1,
+        kd_alpha=0.5,
+        seqkd_beam=5,
+        seqinter_beam=10,     # the paper's 35 would take most of the 10 minutes here
+        report_beam=5,
+        max_train=10_000,     # the first 10k of the 20k built-in training pairs
+        max_eval=None,        # all 500 validation and 500 test pairs
+    ),
+    # Absurdly small: only checks that every step runs (tests/test_recipes.py).
+    "smoke": dict(
+        tokenizer=["--tokenizer", "word"],
+        teacher=["--layers", "1", "--hidden", "16", "--emb-dim", "8", "--dropout", "0.0"],
+        student=["--layers", "1", "--hidden", "8", "--emb-dim", "8", "--dropout", "0.0"],
+        optim=["--optim", "adam", "--batch-size", "32"],
+        lr=1e-2,
+        finetune_lr=1e-3,
+        teacher_epochs=1,
+        student_epochs=1,
+        finetune_epochs=1,
+        kd_alpha=0.5,
+        seqkd_beam=2,
+        seqinter_beam=3,
+        report_beam=2,
+        max_train=200,
+        max_eval=50,
+    ),
+}
+
+# The rows of Table 1: (name, model folder under the run folder).
+ROWS = [
+    ("Teacher baseline", "teacher"),
+    ("Teacher + Seq-Inter", "teacher_seqinter"),
+    ("Student baseline", "student"),
+    ("Word-KD", "student_wordkd"),
+    ("Seq-KD", "student_seqkd"),
+    ("Seq-KD + Word-KD", "student_seqkd_wordkd"),
+    ("Seq-KD + Seq-Inter", "student_seqkd_seqinter"),
+    ("Seq-KD + Seq-Inter + Word-KD", "student_seqkd_wordkd_seqinter"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Step helpers: run a step unless its output exists
+# ---------------------------------------------------------------------------------------------
+
+def announce(text):
+    print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
+
+
+def train_step(title, save_dir, flags):
+    """train.main(flags + --save-dir) unless save_dir/done.json says it finished; a run that was
+    stopped half-way (last.pt, no done.json) continues with --resume. Returns save_dir/best.pt."""
+    save_dir = Path(save_dir)
+    done = save_dir / "done.json"
+    if done.exists():
+        print(f"{title}: done already ({done})")
+        return str(save_dir / "best.pt")
+    announce(title)
+    argv = flags + ["--save-dir", str(save_dir)]
+    if (save_dir / "last.pt").exists():
+        argv.append("--resume")
+    print("python train.py " + " ".join(argv), flush=True)
+    metrics = train.main(argv)
+    if metrics.get("interrupted"):
+        sys.exit("interrupted: run the same command again to continue")
+    done.write_text(json.dumps(metrics, indent=1) + "\n")
+    return str(save_dir / "best.pt")
+
+
+def beam_step(title, out, flags):
+    """beam.main(flags + --out) unless `out` exists (beam.py only renames OUT.partial to OUT when
+    the whole file is translated, and resumes from OUT.partial itself)."""
+    if os.path.exists(out):
+        print(f"{title}: done already ({out})")
+        return out
+    announce(title)
+    argv = flags + ["--out", out]
+    print("python beam.py " + " ".join(argv), flush=True)
+    beam.main(argv)
+    return out
+
+
+def report_step(title, ckpt, test_src, test_ref, out_json, k):
+    """beam.py --report: BLEU greedy and beam K, perplexity, p(t = ŷ), parameters, speed."""
+    if os.path.exists(out_json):
+        print(f"{title}: done already ({out_json})")
+    else:
+        announce(title)
+        argv = ["--ckpt", ckpt, "--src", test_src, "--ref", test_ref, "--beam", str(k),
+                "--report", "--json", out_json]
+        print("python beam.py " + " ".join(argv), flush=True)
+        beam.main(argv)
+    with open(out_json, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus: a folder of {split}.{lang} files, or the built-in corpus written to such a folder
+# ---------------------------------------------------------------------------------------------
+
+def corpus_files(corpus, src, tgt, splits):
+    """{split: (source path, target path)} for the named splits; UserError naming what is missing."""
+    folder = Path(corpus)
+    if not folder.is_dir():
+        raise UserError(f"--corpus {corpus}: no such folder (expected a folder holding "
+                        f"train.{src}, train.{tgt}, val.{src}, ...; is ../shared/data there?)")
+    files = {}
+    for split in splits:
+        pair = (folder / f"{split}.{src}", folder / f"{split}.{tgt}")
+        for path in pair:
+            if not path.exists():
+                found = sorted({p.name.rsplit(".", 1)[0] for p in folder.iterdir() if "." in p.name})
+                raise UserError(f"--corpus {corpus}: no {path.name} (splits found: "
+                                f"{', '.join(found) or 'none'}); check --src/--tgt, or name the "
+                                "split with --valid-split / --test-split")
+        files[split] = tuple(str(p) for p in pair)
+    return files
+
+
+def write_lines(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def write_builtin_corpus(folder):
+    """The built-in synthetic corpus as files folder/{train,val,test}.{en,de}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / "test.de").exists():
+        return
+    splits = data.builtin_splits()
+    for split, name in (("train", "train"), ("valid", "val"), ("test", "test")):
+        write_lines(folder / f"{name}.en", [s for s, _ in splits[split]])
+        write_lines(folder / f"{name}.de", [t for _, t in splits[split]])   # written last: the marker
+
+
+def first_lines(files, n, folder):
+    """The first n lines of a (source, target) pair of files, as new files in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for path in files:
+        new = folder / Path(path).name
+        if not new.exists():
+            write_lines(new, data.read_lines(path)[:n])
+        out.append(str(new))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+def markdown_table(rows, k):
+    """rows: [(name, report)] in ROWS order. Δ columns: against the teacher baseline for teacher
+    rows, against the student baseline for student rows (as the paper's Table 1)."""
+    head = (f"| Model | BLEU greedy | Δ | BLEU beam {k} | Δ | PPL | p(t = ŷ) | Params | "
+            f"src words/s greedy | src words/s beam {k} |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    baseline = None
+    for name, r in rows:
+        if name.endswith("baseline"):
+            baseline = r
+        d_greedy = r["bleu_greedy"] - baseline["bleu_greedy"]
+        d_beam = r["bleu_beam"] - baseline["bleu_beam"]
+        lines.append(f"| {name} | {r['bleu_greedy']:.2f} | {d_greedy:+.2f} | {r['bleu_beam']:.2f} | "
+                     f"{d_beam:+.2f} | {r['ppl']:.2f} | {100 * r['p_beam']:.1f}% | {r['params']:,} | "
+                     f"{r['words_per_s_greedy']:,.0f} | {r['words_per_s_beam']:,.0f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Kim & Rush (2016) Table 1 in one command: teacher, "
+                                "students, Word-KD, Seq-KD, Seq-Inter, and the table.")
+    p.add_argument("--corpus", help="folder with {train,val,test}.{SRC,TGT} files, e.g. ../shared/data/multi30k")
+    p.add_argument("--src", default="en", help="source language suffix (default: en)")
+    p.add_argument("--tgt", default="de", help="target language suffix (default: de)")
+    p.add_argument("--valid-split", default="val", help="validation split name (default: val)")
+    p.add_argument("--test-split", default="test", help="test split name, e.g. test_2016_flickr (default: test)")
+    p.add_argument("--builtin", action="store_true", help="the built-in synthetic corpus, ~10 min on 2 CPU cores")
+    p.add_argument("--smoke", action="store_true", help="a tiny built-in run that only checks every step runs")
+    p.add_argument("--run-dir", help="where everything goes (default: runs/kim_rush_<corpus>)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=1, help="seed of every training (default: 1)")
+    args = p.parse_args(argv)
+    if sum([bool(args.corpus), args.builtin, args.smoke]) != 1:
+        p.error("give exactly one of --corpus FOLDER, --builtin, --smoke")
+    return args
+
+
+def run(args):
+    t_start = time.time()
+    setting_name = "smoke" if args.smoke else "builtin" if args.builtin else "corpus"
+    S = SETTINGS[setting_name]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_run = "kim_rush_" + (setting_name if setting_name != "corpus" else Path(args.corpus).name)
+    run_dir = Path(args.run_dir or Path("runs") / default_run)
+    distill = run_dir / "distill"
+    reports = run_dir / "reports"
+    for folder in (run_dir, distill, reports):
+        folder.mkdir(parents=True, exist_ok=True)
+    print(f"Kim & Rush (2016) Table 1: setting '{setting_name}', run folder {run_dir}")
+
+    # ---- step 0: the corpus -----------------------------------------------------------------
+    if args.corpus:
+        src, tgt, valid_split, test_split = args.src, args.tgt, args.valid_split, args.test_split
+        files = corpus_files(args.corpus, src, tgt, ["train", valid_split, test_split])
+    else:
+        src, tgt, valid_split, test_split = "en", "de", "val", "test"
+        write_builtin_corpus(run_dir / "corpus")
+        files = corpus_files(run_dir / "corpus", src, tgt, ["train", valid_split, test_split])
+    if S["max_train"]:     # a smaller corpus, to fit the time budget of the setting
+        files["train"] = first_lines(files["train"], S["max_train"], run_dir / "subset")
+    if S["max_eval"]:
+        for split in (valid_split, test_split):
+            files[split] = first_lines(files[split], S["max_eval"], run_dir / "subset")
+    train_src, train_ref = files["train"]
+    valid_src, valid_ref = files[valid_split]
+    test_src, test_ref = files[test_split]
+
+    # Flags every training shares: the validation data, the optimiser, seed and device.
+    common = ["--valid-src", valid_src, "--valid-tgt", valid_ref, *S["optim"],
+              "--best-metric", "bleu", "--seed", str(args.seed), "--device", args.device]
+
+    def train_on(tgt_file, epochs, lr):
+        return ["--train-src", train_src, "--train-tgt", tgt_file, *common,
+                "--epochs", str(epochs), "--lr", str(lr)]
+
+    # The Word-KD flags: the teacher, alpha (T = 1, as the paper).
+    seqkd_tgt = str(distill / f"train.seqkd.{tgt}")
+    seqinter_tgt = str(distill / f"train.seqinter.{tgt}")
+    teacher_dir = run_dir / "teacher"
+    teacher = str(teacher_dir / "best.pt")
+    word_kd = ["--teacher", teacher, "--kd-alpha", str(S["kd_alpha"])]
+
+    # ---- step 1: the teacher, NLL on the references -------------------------------------------
+    train_step("step 1: train the teacher (NLL on the references)", teacher_dir,
+               train_on(train_ref, S["teacher_epochs"], S["lr"]) + S["tokenizer"] + S["teacher"])
+
+    # ---- step 2: Seq-KD data, the teacher's beam search output on the training source ----------
+    beam_step(f"step 2: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the training source",
+              seqkd_tgt, ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
+                          "--device", args.device])
+
+    # ---- step 3: Seq-Inter data, the K-best entry closest to the reference ----------------------
+    K = S["seqinter_beam"]
+    beam_step(f"step 3: Seq-Inter data: the teacher's {K}-best list, the entry with the highest "
+              "sentence BLEU against the reference", seqinter_tgt,
+              ["--ckpt", teacher, "--src", train_src, "--ref", train_ref, "--beam", str(K),
+               "--nbest", str(K), "--select", "sentence-bleu", "--device", args.device])
+
+    # ---- step 4: teacher + Seq-Inter: fine-tune the teacher on its Seq-Inter data ---------------
+    train_step("step 4: teacher + Seq-Inter (fine-tune the teacher on the Seq-Inter data)",
+               run_dir / "teacher_seqinter",
+               train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", teacher])
+
+    # ---- steps 5-8: students trained from scratch, all with the teacher's vocabularies ----------
+    student = S["student"] + ["--vocab-from", teacher]
+    train_step("step 5: student baseline (NLL on the references)", run_dir / "student",
+               train_on(train_ref, S["student_epochs"], S["lr"]) + student)
+    train_step("step 6: Word-KD student (on the references)", run_dir / "student_wordkd",
+               train_on(train_ref, S["student_epochs"], S["lr"]) + student + word_kd)
+    seqkd = train_step("step 7: Seq-KD student (NLL on the teacher's beam output)",
+                       run_dir / "student_seqkd",
+                       train_on(seqkd_tgt, S["student_epochs"], S["lr"]) + student)
+    seqkd_wordkd = train_step("step 8: Seq-KD + Word-KD student (Word-KD on the Seq-KD data)",
+                              run_dir / "student_seqkd_wordkd",
+                              train_on(seqkd_tgt, S["student_epochs"], S["lr"]) + student + word_kd)
+
+    # ---- steps 9-10: Seq-Inter fine-tuning of the Seq-KD students ------------------------------
+    train_step("step 9: Seq-KD + Seq-Inter (fine-tune the Seq-KD student on the Seq-Inter data)",
+               run_dir / "student_seqkd_seqinter",
+               train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd])
+    train_step("step 10: Seq-KD + Seq-Inter + Word-KD (fine-tune the Seq-KD + Word-KD student on "
+               "the Seq-Inter data, with Word-KD)", run_dir / "student_seqkd_wordkd_seqinter",
+               train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd_wordkd]
+               + word_kd)
+
+    # ---- step 11: the Table 1 columns of every model on the test set ----------------------------
+    rows = []
+    for name, folder in ROWS:
+        report = report_step(f"step 11: report, {name}", str(run_dir / folder / "best.pt"),
+                             test_src, test_ref, str(reports / f"{folder}.json"), S["report_beam"])
+        rows.append((name, report))
+
+    # ---- step 12: the table ---------------------------------------------------------------------
+    table = markdown_table(rows, S["report_beam"])
+    seconds = time.time() - t_start
+    signature = rows[0][1].get("bleu_signature", "")
+    note = (f"Test set: {test_src} ({rows[0][1]['sentences']} sentences). BLEU: sacrebleu ({signature}). "
+            f"PPL: perplexity on the references. p(t = ŷ): mean probability of the model's own "
+            f"beam-{S['report_beam']} output. Speed: source words/s on {args.device} device "
+            f"'{pick_device(args.device)}'. This invocation took {seconds / 60:.1f} min.")
+    (run_dir / "table1.md").write_text(table + "\n\n" + note + "\n")
+    result = {"setting": setting_name, "settings": S, "run_dir": str(run_dir), "seconds": seconds,
+              "test_src": test_src, "test_ref": test_ref,
+              "rows": [dict(name=name, folder=folder, **report)
+                       for (name, folder), (_, report) in zip(ROWS, rows)]}
+    (run_dir / "table1.json").write_text(json.dumps(result, indent=1) + "\n")
+    announce("Kim & Rush (2016), Table 1")
+    print(table + "\n\n" + note)
+    print(f"\nwritten: {run_dir / 'table1.md'}, {run_dir / 'table1.json'}")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

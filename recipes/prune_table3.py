@@ -1,0 +1,270 @@
+"""Kim & Rush (2016), Table 3: prune the best distilled student, retrain it, and measure.
+
+    python recipes/prune_table3.py --student runs/table1/seq-inter/best.pt \\
+        --teacher runs/table1/teacher/best.pt \\
+        --kd-src train.en --kd-tgt train.kd.de --inter-tgt train.inter.de \\
+        --valid-src val.en --valid-tgt val.de --test-src test.en --test-tgt test.de \\
+        --run-dir runs/table3 [--train-args "--device cuda --batch-size 128"]
+
+    python recipes/prune_table3.py --demo     # the whole pipeline on a slice of the built-in
+                                              # corpus, a few CPU minutes (numbers mean nothing)
+
+The student is the best one of the Table 1 recipe (Seq-KD + Seq-Inter); --kd-tgt and --inter-tgt
+are the Seq-KD and Seq-Inter targets it was trained on (beam.py writes them). Every row runs the
+same five steps, with the same command-line tools a user would run by hand:
+
+    1. prune.py   --ckpt STUDENT --amount A --scheme S              -> ROW/pruned.pt
+    2. beam.py    --report: greedy and beam-5 BLEU, before retraining -> ROW/before.json
+    3. train.py   --init ROW/pruned.pt on the Seq-KD data             -> ROW/retrain/
+    4. train.py   --init ROW/retrain/best.pt on the Seq-Inter data,
+                  with a lower learning rate (as Kim & Rush)          -> ROW/finetune/
+    5. beam.py    --report of ROW/finetune/best.pt                    -> ROW/after.json
+
+Rows: 0, 50, 80, 85 and 90% class-blind (Kim & Rush, Table 3), then class-uniform and
+class-distribution at 80% (See et al. 2016, who find class-blind best). The masks travel in the
+checkpoints, and train.py puts the pruned weights back to exactly 0 after every step.
+
+Restartable: every step writes its output atomically and is skipped when that output exists; an
+interrupted training continues with train.py --resume. Everything lives under --run-dir; the
+table is printed at the end and written to RUN_DIR/table3.md.
+"""
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+import beam  # noqa: E402
+import data  # noqa: E402
+import prune  # noqa: E402
+import train  # noqa: E402
+from model import count_params, load_checkpoint, model_from_checkpoint  # noqa: E402
+
+AMOUNTS = [0.0, 0.5, 0.8, 0.85, 0.9]   # class-blind rows of Kim & Rush, Table 3
+COMPARE_AT = 0.8                        # every scheme at this amount (See et al. 2016)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("inputs (all from the Table 1 recipe; not needed with --demo)")
+    g.add_argument("--student", help="the best distilled student checkpoint")
+    g.add_argument("--teacher", help="the teacher checkpoint: the 'size vs teacher' column")
+    g.add_argument("--kd-src", help="source side of the Seq-KD (and Seq-Inter) training data")
+    g.add_argument("--kd-tgt", help="Seq-KD targets: the teacher's beam output on --kd-src")
+    g.add_argument("--inter-tgt", help="Seq-Inter targets: the teacher's n-best closest to the reference")
+    g.add_argument("--valid-src", help="validation source")
+    g.add_argument("--valid-tgt", help="validation references")
+    g.add_argument("--test-src", help="test source: the BLEU of the table")
+    g.add_argument("--test-tgt", help="test references")
+    g = ap.add_argument_group("recipe")
+    g.add_argument("--run-dir", default="runs/table3", help="where everything goes (default: runs/table3)")
+    g.add_argument("--amounts", default=",".join(map(str, AMOUNTS)),
+                   help="class-blind pruning amounts (default: %(default)s)")
+    g.add_argument("--compare-at", type=float, default=COMPARE_AT,
+                   help="also prune with every scheme at this amount (default: %(default)s)")
+    g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="passed to prune.py: leave these weight classes unpruned")
+    g.add_argument("--optim", default="sgd", help="retraining optimizer (default: sgd, as Kim & Rush)")
+    g.add_argument("--lr", type=float, default=0.5,
+                   help="retraining rate on Seq-KD data, below the from-scratch rate (default: 0.5)")
+    g.add_argument("--epochs", type=int, default=4, help="retraining epochs on Seq-KD data (default: 4)")
+    g.add_argument("--inter-lr", type=float, default=0.1,
+                   help="the lower fine-tuning rate on Seq-Inter data (default: 0.1)")
+    g.add_argument("--inter-epochs", type=int, default=2, help="fine-tuning epochs on Seq-Inter data (default: 2)")
+    g.add_argument("--beam", type=int, default=5, help="beam size of the BLEU columns (default: 5)")
+    g.add_argument("--train-args", default="",
+                   help="more train.py flags for every training, as one string, e.g. \"--device cuda --batch-size 128\"")
+    g.add_argument("--device", help="passed to beam.py (default: beam.py's, auto)")
+    g.add_argument("--demo", action="store_true",
+                   help="make every input from the built-in corpus, with tiny models and few steps")
+    args = ap.parse_args(argv)
+    if args.demo:
+        return args
+    missing = [f"--{k.replace('_', '-')}" for k in ("student", "kd_src", "kd_tgt", "inter_tgt", "valid_src",
+                                                    "valid_tgt", "test_src", "test_tgt")
+               if getattr(args, k) is None]
+    if missing:
+        ap.error(f"missing {', '.join(missing)} (or pass --demo)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps: each one is skipped when its output exists
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json(obj, path):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def run_train(save_dir, argv):
+    """train.main(ARGV) into SAVE_DIR once; an interrupted run continues with --resume.
+    Returns train.main's metrics (kept in SAVE_DIR/done.json, which marks the step done)."""
+    done = save_dir / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if (save_dir / "last.pt").exists():
+        print(f"== resuming {save_dir}")
+        metrics = train.main(["--resume", "--save-dir", str(save_dir)])
+    else:
+        print(f"== train.py {' '.join(argv)}")
+        metrics = train.main(argv + ["--save-dir", str(save_dir)])
+    if metrics.get("interrupted"):
+        sys.exit("interrupted: rerun the same command to continue")
+    write_json(metrics, done)
+    return metrics
+
+
+def run_report(ckpt, out_json, args):
+    """beam.py --report on the test set: BLEU of greedy and of beam search."""
+    if not out_json.exists():
+        argv = ["--ckpt", str(ckpt), "--src", args.test_src, "--ref", args.test_tgt,
+                "--beam", str(args.beam), "--report", "--json", str(out_json), "--no-progress"]
+        print(f"== beam.py {' '.join(argv)}")
+        beam.main(argv + (["--device", args.device] if args.device else []))
+    return json.loads(out_json.read_text())
+
+
+def nonzero_params(ckpt_path):
+    net = model_from_checkpoint(load_checkpoint(str(ckpt_path)))
+    return prune.count_nonzero(net)
+
+
+def run_row(name, amount, scheme, args, run_dir):
+    """Prune, measure, retrain on Seq-KD, fine-tune on Seq-Inter, measure. Returns the table row."""
+    row_dir = run_dir / "rows" / name
+    row_dir.mkdir(parents=True, exist_ok=True)
+    pruned = row_dir / "pruned.pt"
+    if not pruned.exists():
+        argv = ["--ckpt", args.student, "--amount", str(amount), "--scheme", scheme, "--out", str(pruned)]
+        argv += [flag for pattern in args.exclude for flag in ("--exclude", pattern)]
+        print(f"== prune.py {' '.join(argv)}")
+        prune.main(argv + (["--teacher", args.teacher] if args.teacher else []))
+    before = run_report(pruned, row_dir / "before.json", args)
+
+    extra = shlex.split(args.train_args)
+    data_flags = ["--valid-src", args.valid_src, "--valid-tgt", args.valid_tgt, "--optim", args.optim,
+                  "--best-metric", "bleu"]  # Seq-KD students: their reference perplexity misleads
+    run_train(row_dir / "retrain",
+              ["--init", str(pruned), "--train-src", args.kd_src, "--train-tgt", args.kd_tgt,
+               "--lr", str(args.lr), "--epochs", str(args.epochs)] + data_flags + extra)
+    run_train(row_dir / "finetune",
+              ["--init", str(row_dir / "retrain" / "best.pt"), "--train-src", args.kd_src,
+               "--train-tgt", args.inter_tgt, "--lr", str(args.inter_lr),
+               "--epochs", str(args.inter_epochs)] + data_flags + extra)
+    final = row_dir / "finetune" / "best.pt"
+    after = run_report(final, row_dir / "after.json", args)
+    return {"name": name, "scheme": scheme, "amount": amount,
+            "nonzero_pruned": nonzero_params(pruned), "nonzero": nonzero_params(final),
+            "greedy_before": before["bleu_greedy"], "beam_before": before["bleu_beam"],
+            "greedy_after": after["bleu_greedy"], "beam_after": after["bleu_beam"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo: every input made from a slice of the built-in corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_demo(args, run_dir):
+    """A teacher, its Seq-KD and Seq-Inter data, and a student trained on them: a miniature Table 1
+    recipe, just enough for the pipeline to run. Fills in the input flags of ARGS."""
+    d = run_dir / "demo-data"
+    d.mkdir(parents=True, exist_ok=True)
+    splits = data.builtin_splits()
+    for split, n in (("train", 500), ("valid", 50), ("test", 50)):
+        for side, i in (("src", 0), ("tgt", 1)):
+            path = d / f"{split}.{side}"
+            if not path.exists():
+                path.write_text("".join(pair[i] + "\n" for pair in splits[split][:n]), encoding="utf-8")
+    files = ["--valid-src", str(d / "valid.src"), "--valid-tgt", str(d / "valid.tgt"), "--device", "cpu",
+             "--batch-size", "32", "--eval-every", "50"]
+    run_train(d / "teacher", ["--train-src", str(d / "train.src"), "--train-tgt", str(d / "train.tgt"),
+                              "--preset", "builtin", "--optim", "adam", "--lr", "0.003",
+                              "--max-steps", "200"] + files)
+    teacher = d / "teacher" / "best.pt"
+    beam_flags = ["--ckpt", str(teacher), "--src", str(d / "train.src"), "--device", "cpu", "--no-progress"]
+    if not (d / "train.kd").exists():       # Seq-KD: the teacher's beam-5 output
+        beam.main(beam_flags + ["--beam", "5", "--out", str(d / "train.kd")])
+    if not (d / "train.inter").exists():    # Seq-Inter: the n-best entry closest to the reference
+        beam.main(beam_flags + ["--ref", str(d / "train.tgt"), "--beam", "5", "--nbest", "5",
+                                "--select", "sentence-bleu", "--out", str(d / "train.inter")])
+    run_train(d / "student", ["--train-src", str(d / "train.src"), "--train-tgt", str(d / "train.kd"),
+                              "--vocab-from", str(teacher), "--preset", "builtin", "--hidden", "64",
+                              "--optim", "adam", "--lr", "0.003", "--max-steps", "150"] + files)
+    args.student, args.teacher = str(d / "student" / "best.pt"), str(teacher)
+    args.kd_src, args.kd_tgt, args.inter_tgt = str(d / "train.src"), str(d / "train.kd"), str(d / "train.inter")
+    args.valid_src, args.valid_tgt = str(d / "valid.src"), str(d / "valid.tgt")
+    args.test_src, args.test_tgt = str(d / "test.src"), str(d / "test.tgt")
+    args.optim, args.lr, args.inter_lr, args.device = "adam", 0.001, 0.0003, "cpu"
+    args.train_args = "--device cpu --batch-size 32 --max-steps 20 " + args.train_args
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+
+def format_table(rows, student_params, teacher_params, beam_size):
+    b = f"beam {beam_size}"
+    lines = [f"| scheme | pruned | non-zero params | size vs teacher | greedy before | {b} before "
+             f"| greedy after | {b} after |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{teacher_params / r['nonzero']:.1f}x fewer" if teacher_params else "-"
+        lines.append(f"| {r['scheme']} | {r['amount']:.0%} | {r['nonzero']:,} | {ratio} "
+                     f"| {r['greedy_before']:.2f} | {r['beam_before']:.2f} "
+                     f"| {r['greedy_after']:.2f} | {r['beam_after']:.2f} |")
+    lines.append(f"student: {student_params:,} parameters" +
+                 (f"; teacher: {teacher_params:,}" if teacher_params else "") +
+                 ". 'after' = retrained on Seq-KD data, then fine-tuned on Seq-Inter data; test-set BLEU.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except data.UserError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    try:
+        amounts = [float(a) for a in args.amounts.split(",")]
+    except ValueError:
+        raise data.UserError(f"--amounts {args.amounts}: give comma-separated fractions, e.g. 0,0.5,0.8") from None
+    for amount in amounts + [args.compare_at]:
+        prune.check_amount(amount)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        args = prepare_demo(args, run_dir)
+    runs = [(a, "class-blind") for a in amounts]
+    runs += [(args.compare_at, s) for s in prune.SCHEMES if (args.compare_at, s) not in runs]
+
+    rows = []
+    for amount, scheme in runs:
+        name = f"{scheme}-{round(amount * 100):02d}"
+        rows.append(run_row(name, amount, scheme, args, run_dir))
+        # the masks held through both trainings: no pruned weight came back
+        if rows[-1]["nonzero"] > rows[-1]["nonzero_pruned"]:
+            print(f"warning: {name} has more non-zero weights after retraining than after pruning")
+
+    student_params = count_params(model_from_checkpoint(load_checkpoint(args.student)))
+    teacher_params = count_params(model_from_checkpoint(load_checkpoint(args.teacher))) if args.teacher else None
+    table = format_table(rows, student_params, teacher_params, args.beam)
+    (run_dir / "table3.md").write_text(table + "\n", encoding="utf-8")
+    write_json(rows, run_dir / "table3.json")
+    print("\n" + table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

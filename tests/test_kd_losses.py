@@ -1,0 +1,215 @@
+"""Tests for kd_losses.py: NLL, Word-KD (Kim & Rush 2016, 3.1) and the Seq-Inter selection (3.3)."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from data import PAD  # noqa: E402
+from kd_losses import nll_loss, nll_sum, select_seq_inter, sentence_bleu, word_kd_loss  # noqa: E402
+
+
+def random_batch(seed=0, B=3, T=5, V=7):
+    """Random student/teacher logits and a PAD-padded target (sentence lengths 5, 3, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(B, T, V, generator=g)
+    teacher = torch.randn(B, T, V, generator=g)
+    target = torch.randint(4, V, (B, T), generator=g)
+    lengths = [5, 3, 1]
+    for b, n in enumerate(lengths):
+        target[b, n:] = PAD
+    return student, teacher, target
+
+
+# ---------------------------------------------------------------------------------------------
+# NLL
+# ---------------------------------------------------------------------------------------------
+
+def test_nll_uniform_logits_is_log_vocab():
+    V = 10
+    logits = torch.zeros(2, 3, V)                       # uniform: p = 1/V everywhere
+    target = torch.tensor([[4, 5, 3], [6, 3, PAD]])
+    assert nll_loss(logits, target).item() == pytest.approx(math.log(V))
+    loss_sum, ntokens = nll_sum(logits, target)
+    assert ntokens == 5
+    assert loss_sum.item() == pytest.approx(5 * math.log(V))
+
+
+def test_nll_hand_example():
+    # one sentence of two real tokens, V = 5:
+    # position 1: logits (0, 0, 0, 0, ln 4) -> exp = (1, 1, 1, 1, 4), p(4) = 4/8;  -ln p = ln 2
+    # position 2: logits (0, 0, 0, ln 5, 0) -> exp = (1, 1, 1, 5, 1), p(3) = 5/9;  -ln p = ln 9/5
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0, math.log(4.0)],
+                            [0.0, 0.0, 0.0, math.log(5.0), 0.0]]])
+    target = torch.tensor([[4, 3]])
+    expected = (math.log(2.0) + math.log(9.0 / 5.0)) / 2
+    assert nll_loss(logits, target).item() == pytest.approx(expected)
+
+
+def test_nll_no_real_token_is_zero_not_nan():
+    logits = torch.randn(1, 2, 5)
+    target = torch.full((1, 2), PAD)
+    assert nll_loss(logits, target).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Word-KD
+# ---------------------------------------------------------------------------------------------
+
+def test_word_kd_alpha_zero_equals_nll():
+    student, teacher, target = random_batch()
+    for T in (1.0, 2.0):
+        got = word_kd_loss(student, teacher, target, alpha=0.0, T=T)
+        assert torch.allclose(got, nll_loss(student, target))
+
+
+def test_word_kd_identical_student_zero_gradient_at_alpha_one():
+    student, _, target = random_batch(seed=1)
+    teacher = student.clone()                          # the student IS the teacher
+    s = student.clone().requires_grad_(True)
+    loss = word_kd_loss(s, teacher, target, alpha=1.0)
+    loss.backward()
+    assert torch.allclose(s.grad, torch.zeros_like(s.grad), atol=1e-7)
+    # ... but the loss is the teacher's entropy (cross-entropy form), averaged over real tokens
+    mask = target != PAD
+    q = torch.softmax(teacher, -1)
+    entropy = -(q * torch.log_softmax(teacher, -1)).sum(-1)[mask].mean()
+    assert loss.item() == pytest.approx(entropy.item(), rel=1e-5)
+    assert loss.item() > 0.1
+
+    # at alpha = 0.5 the NLL half still pulls the student towards the gold word
+    s2 = student.clone().requires_grad_(True)
+    word_kd_loss(s2, teacher, target, alpha=0.5).backward()
+    assert s2.grad.abs().max().item() > 1e-3
+
+
+def test_word_kd_gradient_is_alpha_times_p_minus_q_plus_nll_part():
+    # d loss / d z = [alpha (p - q) + (1 - alpha)(p - onehot(y))] / ntokens at T = 1
+    z = torch.tensor([[[0.0, 0.0, 0.0, 0.0, math.log(4.0)]]], requires_grad=True)  # p = (1,1,1,1,4)/8
+    teacher = torch.tensor([[[0.0, 0.0, 0.0, math.log(5.0), 0.0]]])              # q = (1,1,1,5,1)/9
+    target = torch.tensor([[4]])
+    word_kd_loss(z, teacher, target, alpha=0.5).backward()
+    p = torch.tensor([1, 1, 1, 1, 4]) / 8
+    q = torch.tensor([1, 1, 1, 5, 1]) / 9
+    onehot = torch.tensor([0, 0, 0, 0, 1.0])
+    assert torch.allclose(z.grad[0, 0], 0.5 * (p - q) + 0.5 * (p - onehot), atol=1e-6)
+
+
+def test_word_kd_teacher_gets_no_gradient():
+    student, teacher, target = random_batch(seed=2)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    word_kd_loss(student, teacher, target, alpha=0.5, T=2.0).backward()
+    assert teacher.grad is None
+    assert student.grad is not None
+
+
+def test_padding_positions_contribute_nothing():
+    student, teacher, target = random_batch(seed=3)
+    pad_positions = target == PAD
+    assert pad_positions.any()
+    s = student.clone().requires_grad_(True)
+    loss = word_kd_loss(s, teacher, target, alpha=0.5, T=2.0)
+    loss.backward()
+    # the gradient at padding positions is exactly zero
+    assert (s.grad[pad_positions] == 0).all()
+    assert (s.grad[~pad_positions] != 0).any()
+
+    # garbage (even inf/nan) logits at padding positions do not change any loss
+    student2, teacher2 = student.clone(), teacher.clone()
+    student2[pad_positions] = 1e4
+    teacher2[pad_positions] = float("nan")
+    for alpha in (0.0, 0.5, 1.0):
+        before = word_kd_loss(student, teacher, target, alpha=alpha, T=2.0)
+        after = word_kd_loss(student2, teacher2, target, alpha=alpha, T=2.0)
+        assert torch.allclose(before, after)
+    assert torch.allclose(nll_loss(student, target), nll_loss(student2, target))
+
+
+def test_word_kd_is_token_normalised_over_the_batch():
+    # the batch loss is the token-weighted mean of the per-sentence losses (like NLL), so a long
+    # sentence counts more than a short one; not the mean of per-sentence means
+    student, teacher, target = random_batch(seed=4)
+    ntok = (target != PAD).sum(1)                                  # (5, 3, 1)
+    per_sentence = torch.stack([word_kd_loss(student[b:b + 1], teacher[b:b + 1], target[b:b + 1])
+                                for b in range(3)])
+    batch = word_kd_loss(student, teacher, target)
+    assert torch.allclose(batch, (per_sentence * ntok).sum() / ntok.sum())
+
+
+def test_temperature_scaling_hand_computation():
+    # One target token, a vocabulary of 3 words (ids 0..2 used only as logit slots; gold = 1).
+    # T = 2:
+    #   teacher logits (2 ln 2, 0, 0)  / 2 = (ln 2, 0, 0)  -> q = (2, 1, 1) / 4 = (1/2, 1/4, 1/4)
+    #   student logits (0, 0, 2 ln 2)  / 2 = (0, 0, ln 2)  -> p = (1, 1, 2) / 4 = (1/4, 1/4, 1/2)
+    #   L_WORD-KD = -(1/2 ln 1/4 + 1/4 ln 1/4 + 1/4 ln 1/2) = 3/4 * 2 ln 2 + 1/4 ln 2 = 7/4 ln 2
+    #   times T^2 = 4:  7 ln 2
+    #   L_NLL at T = 1: student softmax(0, 0, 2 ln 2) = (1, 1, 4) / 6, gold 1 -> ln 6
+    ln2 = math.log(2.0)
+    teacher = torch.tensor([[[2 * ln2, 0.0, 0.0]]])
+    student = torch.tensor([[[0.0, 0.0, 2 * ln2]]])
+    target = torch.tensor([[1]])                       # 1 = UNK, a real (non-pad) token
+    assert word_kd_loss(student, teacher, target, alpha=1.0, T=2.0).item() == pytest.approx(7 * ln2)
+    assert word_kd_loss(student, teacher, target, alpha=0.5, T=2.0).item() == pytest.approx(
+        0.5 * 7 * ln2 + 0.5 * math.log(6.0))
+    # T = 1 (no scaling): q = (4, 1, 1)/6, p = (1, 1, 4)/6
+    #   L_WORD-KD = -(4/6 ln 1/6 + 1/6 ln 1/6 + 1/6 ln 4/6) = ln 6 - 1/6 ln 4
+    assert word_kd_loss(student, teacher, target, alpha=1.0, T=1.0).item() == pytest.approx(
+        math.log(6.0) - math.log(4.0) / 6)
+
+
+def test_word_kd_rejects_different_vocabularies():
+    student = torch.zeros(1, 2, 5)
+    teacher = torch.zeros(1, 2, 6)
+    with pytest.raises(ValueError, match="vocabulary"):
+        word_kd_loss(student, teacher, torch.tensor([[4, 3]]))
+
+
+def test_word_kd_float32_under_bf16_logits():
+    student, teacher, target = random_batch(seed=5)
+    loss = word_kd_loss(student.bfloat16(), teacher.bfloat16(), target)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(word_kd_loss(student, teacher, target).item(), rel=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seq-Inter selection
+# ---------------------------------------------------------------------------------------------
+
+def test_seq_inter_picks_exact_match():
+    ref = "the cat sat on the mat"
+    hyps = ["a dog ran away", "the cat sat", "the cat sat on the mat", "the cat sat on a mat"]
+    assert select_seq_inter(hyps, ref) == 2
+
+
+def test_seq_inter_picks_closest_by_hand_counted_ngrams():
+    ref = "the cat sat on the mat"
+    # best is NOT first, so a function returning 0 fails
+    hyps = ["the dog sat on a rug",      # matches: 3/6 unigrams, 1/5 bigrams ("sat on"), 0 tri, 0 4-gram
+            "a mat",                      # 1/2 unigrams, 0/1 bigrams, short: brevity penalty
+            "the cat sat on the rug"]     # 5/6, 4/5, 3/4, 2/3, same length: BP = 1
+    assert select_seq_inter(hyps, ref) == 2
+    # the last one by hand: BLEU = (5/6 * 4/5 * 3/4 * 2/3)^(1/4) = (1/3)^(1/4) = 75.98
+    assert sentence_bleu(hyps[2], ref) == pytest.approx(100 * (1 / 3) ** 0.25, abs=0.01)
+
+
+def test_seq_inter_ties_pick_the_earlier_hypothesis():
+    ref = "a b c d"
+    # "a b x d" and "a x c d" both match 3/4 unigrams, 1/3 bigrams, 0/2 trigrams, 0/1 4-grams;
+    # with 'exp' smoothing the zero counts become 1/2 and 1/4 matches:
+    # BLEU = (3/4 * 1/3 * 1/4 * 1/4)^(1/4) = 35.36 for both
+    assert sentence_bleu("a b x d", ref) == pytest.approx(sentence_bleu("a x c d", ref))
+    assert sentence_bleu("a b x d", ref) == pytest.approx(100 * (3 / 4 * 1 / 3 * 1 / 4 * 1 / 4) ** 0.25,
+                                                          abs=0.01)
+    assert select_seq_inter(["z z z z", "a b x d", "a x c d"], ref) == 1
+    assert select_seq_inter(["z z z z", "a x c d", "a b x d"], ref) == 1
+    assert select_seq_inter(["a b c d", "a b c d"], ref) == 0       # duplicates in the n-best
+
+
+def test_seq_inter_empty_hypotheses():
+    assert select_seq_inter(["", "the mat"], "the cat sat on the mat") == 1
+    assert select_seq_inter(["", ""], "the cat") == 0
+    with pytest.raises(ValueError):
+        select_seq_inter([], "the cat")

@@ -1,0 +1,246 @@
+"""Tests of train.py: tiny models on 80 synthetic sentence pairs, a few steps each.
+
+The corpus: data.synthetic_corpus(80) as files, --batch-size 16, so one epoch is exactly 5
+batches; --max-steps 8 therefore crosses an epoch end (evaluation, lr schedule) and a stop
+after 3 steps is in the middle of an epoch.
+"""
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+import data
+import prune
+import train
+from model import load_checkpoint, model_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Line-aligned train/valid files of the built-in language pair."""
+    root = tmp_path_factory.mktemp("corpus")
+    files = {}
+    for split, n, seed in [("train", 80, 1), ("valid", 12, 2)]:
+        pairs = data.synthetic_corpus(n, seed=seed)
+        for side, k in [("src", 0), ("tgt", 1)]:
+            path = root / f"{split}.{side}"
+            path.write_text("".join(p[k] + "\n" for p in pairs))
+            files[f"--{split}-{side}"] = str(path)
+    return files
+
+
+def flags(corpus, save_dir, *extra):
+    args = [x for kv in corpus.items() for x in kv]
+    return args + ["--save-dir", str(save_dir), "--preset", "tiny", "--batch-size", "16",
+                   "--threads", "1", "--seed", "3", *map(str, extra)]
+
+
+def log(save_dir):
+    return [json.loads(line) for line in (save_dir / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = torch.load(path_a, weights_only=True), torch.load(path_b, weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+# a run with dropout and Adam (so resuming needs the RNG and the optimizer moments), 8 steps straight
+RESUME_FLAGS = ["--dropout", "0.3", "--optim", "adam", "--lr", "0.01", "--decay-after", "0"]
+
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("straight")
+    train.main(flags(corpus, save_dir, *RESUME_FLAGS, "--max-steps", 8))
+    return save_dir
+
+
+@pytest.fixture(scope="module")
+def teacher(corpus, tmp_path_factory):
+    """A teacher checkpoint with a 30-word target vocabulary (the corpus has more words)."""
+    save_dir = tmp_path_factory.mktemp("teacher")
+    train.main(flags(corpus, save_dir, "--tgt-vocab-size", 30, "--optim", "adam", "--lr", 0.03, "--max-steps", 10))
+    return save_dir / "best.pt"
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+def test_first_loss_is_log_vocab_size_and_training_lowers_it(corpus, tmp_path):
+    # Initial weights are uniform in [-0.1, 0.1]: the logits are nearly 0, the output nearly
+    # uniform, so the first batch's loss is ~ log V. 50 Adam steps must bring it well down.
+    train.main(flags(corpus, tmp_path, "--hidden", 64, "--emb-dim", 32, "--optim", "adam", "--lr", 0.03,
+                     "--max-steps", 1))
+    train.main(["--save-dir", str(tmp_path), "--resume", "--max-steps", "50"])
+    records = log(tmp_path)
+    assert [r["step"] for r in records] == [1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+    V = load_checkpoint(tmp_path / "last.pt")["config"]["tgt_vocab"]
+    assert V == 86  # the 82 target words of the 80 training pairs and the 4 specials
+    assert records[0]["train_loss"] == pytest.approx(math.log(V), abs=0.02)
+    assert records[-1]["train_loss"] < math.log(V) - 1.5
+    assert records[-1]["valid_ppl"] < records[0]["valid_ppl"] / 3
+
+
+def test_log_and_returned_metrics(straight):
+    records = log(straight)
+    # one evaluation at the end of epoch 1 (step 5), one where --max-steps stopped it (step 8)
+    assert [(r["step"], r["epoch"]) for r in records] == [(5, 1), (8, 2)]
+    # --decay-after 0: the end of epoch 1 halved the learning rate
+    assert [r["lr"] for r in records] == [0.01, 0.005]
+    for r in records:
+        assert set(r) >= {"step", "epoch", "lr", "train_loss", "valid_ppl", "valid_bleu", "tokens_per_s", "elapsed"}
+        assert r["valid_ppl"] > 1 and 0 <= r["valid_bleu"] <= 100 and r["tokens_per_s"] > 0
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_everything(straight):
+    last = torch.load(straight / "last.pt", weights_only=True)
+    assert last["format"] == "seqkd" and last["arch"] == "lstm"
+    assert (last["step"], last["epoch"], last["batch_in_epoch"]) == (8, 2, 3)
+    assert last["lr"] == 0.005 and last["args"]["bleu_tokenize"] == "13a" and last["args"]["max_len"] == 50
+    assert last["optimizer"]["state"] and set(last["rng"]) == {"torch", "cuda", "python"}
+    src_vocab, tgt_vocab = data.vocabs_from_checkpoint(last)
+    assert len(tgt_vocab) == last["config"]["tgt_vocab"] and last["config"]["dropout"] == 0.3
+    assert last["best_valid_ppl"] == min(r["valid_ppl"] for r in log(straight))
+    # best.pt is for decoding and --init: no optimizer state, and it rebuilds a working model
+    best = load_checkpoint(straight / "best.pt")
+    assert best["optimizer"] is None and "masks" not in best
+    model = model_from_checkpoint(best)
+    batch = data.collate(data.encode_pairs([("the man sees a dog", "der mann einen hund sieht")],
+                                           src_vocab, tgt_vocab), [0])
+    logits, _ = model(batch.src, batch.src_mask, batch.tgt_in)
+    assert logits.shape == (1, 6, len(tgt_vocab))  # 5 words + EOS
+
+
+# ---- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_continues_identically(corpus, straight, tmp_path):
+    # stop after 3 of the 5 batches of epoch 1, then resume to step 8: same as 8 steps straight
+    train.main(flags(corpus, tmp_path, *RESUME_FLAGS, "--max-steps", 3))
+    stopped = load_checkpoint(tmp_path / "last.pt")
+    assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["step"]) == (1, 3, 3)
+    # only --resume and the new --max-steps: the other flags come from the checkpoint
+    train.main(["--save-dir", str(tmp_path), "--resume", "--max-steps", "8"])
+    assert_same_weights(straight / "last.pt", tmp_path / "last.pt")
+    resumed, reference = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(straight / "last.pt")
+    for name, state in reference["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], resumed["optimizer"]["state"][name]["exp_avg_sq"])
+    assert (resumed["epoch"], resumed["batch_in_epoch"], resumed["lr"]) == (2, 3, 0.005)
+    # the epoch-end evaluation after resuming saw the same model as the straight run's
+    assert log(tmp_path)[1]["valid_ppl"] == log(straight)[0]["valid_ppl"]
+
+
+def test_ctrl_c_saves_the_position_and_resume_continues_identically(corpus, straight, tmp_path, monkeypatch):
+    # Press Ctrl-C (a real SIGINT) during step 4: the step finishes, last.pt is saved, main returns.
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_press_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_press_ctrl_c)
+    result = train.main(flags(corpus, tmp_path, *RESUME_FLAGS, "--max-steps", 8))
+    monkeypatch.undo()
+    assert result["interrupted"] and len(calls) == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    stopped = load_checkpoint(tmp_path / "last.pt")
+    assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["step"]) == (1, 4, 4)
+    train.main(flags(corpus, tmp_path, *RESUME_FLAGS, "--max-steps", 8, "--resume"))
+    assert_same_weights(straight / "last.pt", tmp_path / "last.pt")
+
+
+def test_resume_and_overwrite_errors(corpus, straight, tmp_path):
+    with pytest.raises(SystemExit, match="--resume: there is no .*last.pt"):
+        train.main(flags(corpus, tmp_path, "--resume"))
+    with pytest.raises(SystemExit, match="already holds a run.*--overwrite"):
+        train.main(flags(corpus, straight))
+    with pytest.raises(SystemExit, match="give all four"):
+        train.main(["--train-src", corpus["--train-src"], "--save-dir", str(tmp_path)])
+
+
+def test_time_limit_counts_over_resumes_evaluates_and_says_so(corpus, tmp_path):
+    train.main(flags(corpus, tmp_path, "--max-steps", 2))
+    # these 2 steps already took longer than 1e-9 minutes: the resumed run stops before any step
+    result = train.main(flags(corpus, tmp_path, "--max-steps", 10, "--time-limit", 1e-9, "--resume"))
+    records = log(tmp_path)
+    assert [r["step"] for r in records] == [2, 2] and result["step"] == 2
+    assert records[-1]["stopped"] == "--time-limit 1e-09 min" and "stopped" not in records[0]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
+
+
+# ---- distillation ------------------------------------------------------------------------------
+
+
+def test_teacher_with_another_target_vocabulary_is_refused(corpus, straight, teacher, tmp_path):
+    V = load_checkpoint(straight / "last.pt")["config"]["tgt_vocab"]
+    with pytest.raises(SystemExit, match=f"target vocabulary has 30 entries but the student's has {V}"):
+        train.main(flags(corpus, tmp_path, "--teacher", teacher, "--vocab-from", straight / "last.pt"))
+
+
+def test_student_takes_the_teachers_vocabularies(corpus, teacher, tmp_path, capsys):
+    train.main(flags(corpus, tmp_path, "--teacher", teacher, "--max-steps", 1))
+    assert "vocabularies from the teacher" in capsys.readouterr().out
+    student = load_checkpoint(tmp_path / "last.pt")
+    assert student["vocab"] == load_checkpoint(teacher)["vocab"] and student["config"]["tgt_vocab"] == 30
+
+
+def test_word_kd_with_alpha_0_is_nll(corpus, teacher, tmp_path):
+    runs = {}
+    for name, extra in [("nll", ["--vocab-from", teacher]),
+                        ("kd0", ["--teacher", teacher, "--kd-alpha", 0]),
+                        ("kd.5", ["--teacher", teacher, "--kd-alpha", 0.5])]:
+        train.main(flags(corpus, tmp_path / name, "--max-steps", 3, "--eval-every", 1, *extra))
+        runs[name] = [r["train_loss"] for r in log(tmp_path / name)]
+    assert runs["kd0"] == pytest.approx(runs["nll"], rel=1e-5)
+    # at alpha 0.5 the teacher does count (not at step 1: against the near-uniform initial student
+    # the cross-entropy of any teacher is ~ log V, as the NLL is)
+    assert abs(runs["kd.5"][-1] - runs["nll"][-1]) > 1e-2
+    nll, kd0 = load_checkpoint(tmp_path / "nll" / "last.pt"), load_checkpoint(tmp_path / "kd0" / "last.pt")
+    for name, w in nll["model"].items():
+        torch.testing.assert_close(kd0["model"][name], w, rtol=1e-4, atol=1e-6)
+
+
+# ---- fine-tuning and pruning -----------------------------------------------------------------
+
+
+def test_init_keeps_pruning_masks_through_training_and_resume(corpus, straight, tmp_path):
+    ckpt = load_checkpoint(straight / "best.pt")
+    model = model_from_checkpoint(ckpt)
+    masks = prune.prune(model, 0.5)  # {name: bool tensor, True = kept}
+    prune.apply_masks(model, masks)
+    pruned = dict(ckpt, model=model.state_dict(), masks=masks)
+    torch.save(pruned, tmp_path / "pruned.pt")
+
+    # Adam with weight decay moves every weight, pruned or not; the masks must put them back to 0
+    run = tmp_path / "retrain"
+    train.main(flags(corpus, run, "--init", tmp_path / "pruned.pt", "--optim", "adam", "--lr", "0.01",
+                     "--weight-decay", "0.1", "--max-steps", 4))
+    train.main(["--save-dir", str(run), "--resume", "--max-steps", "7"])
+    for path in [run / "last.pt", run / "best.pt"]:
+        out = load_checkpoint(path)
+        assert out["masks"].keys() == masks.keys()
+        for name, keep in masks.items():
+            assert torch.equal(out["masks"][name], keep)
+            w = out["model"][name]
+            assert (w[~keep] == 0).all(), name                                    # pruned: exactly 0
+            assert not torch.equal(w[keep], pruned["model"][name][keep]), name    # kept: trained
+    assert load_checkpoint(run / "last.pt")["step"] == 7
+
+
+def test_init_starts_from_the_weights_with_a_new_optimizer(corpus, straight, tmp_path):
+    train.main(flags(corpus, tmp_path, "--init", straight / "best.pt", "--lr", "0.5", "--max-steps", 1,
+                     "--eval-every", 1))
+    out, start = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(straight / "best.pt")
+    assert out["config"] == start["config"] and out["vocab"] == start["vocab"]
+    assert out["lr"] == 0.5 and out["step"] == 1 and out["optimizer"]["param_groups"][0]["lr"] == 0.5
+    # one SGD step of lr 0.5 with the gradient clipped to norm 5 moves the weights by at most 2.5
+    delta = torch.cat([(out["model"][k] - start["model"][k]).flatten() for k in start["model"]])
+    assert 0 < delta.norm() <= 2.5 + 1e-4
+    with pytest.raises(SystemExit, match=r"--layers \(3\) does not match --init"):
+        train.main(flags(corpus, tmp_path / "x", "--init", straight / "best.pt", "--layers", 3))
