@@ -32,7 +32,8 @@ Read top to bottom:
   2. Scoring           score: log p(y|x) by teacher forcing; score_pairs
   3. Corpus helpers    decode_ids, translate (sort by length, batch, restore order), bleu
   4. Files             translate_file: line-aligned output, n-best lists, Seq-Inter selection,
-                       --shard I/N, resume after an interrupt (distillation data for Seq-KD)
+                       --shard I/N, resume after an interrupt (distillation data for Seq-KD);
+                       under torchrun, one shard per process, joined in order by process 0
   5. Reports           table1_report (Kim & Rush 2016, Table 1 columns), attention heat map
   6. Command line      python beam.py --ckpt model.pt --src FILE [--ref FILE] [--out FILE] ...
 
@@ -40,9 +41,11 @@ Tensors are batch-first; src (B, S) is PAD-padded and src_mask (B, S) is boolean
 True = real token. Token lists (hypotheses, n-best entries) never contain BOS or EOS.
 """
 import argparse
+import datetime
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -442,6 +445,47 @@ def first_best(out_lines, nbest):
     return [best[i] for i in sorted(best)]
 
 
+# Under torchrun with N processes, `beam.py ... --out F` is `--shard 1/N` .. `--shard N/N` plus
+# `cat`, in one command: process r translates shard r+1 of N into its own part file
+# F.shard<r+1>of<N> (resumable like any --out file), then process 0 joins the parts in order.
+# Inside a shard, translate_file goes through --chunk-size blocks of lines, and decode_ids sorts
+# each block by source length for batching and puts the output back in input order.
+
+
+def join_torchrun():
+    """(rank, world_size) when torchrun started this process with WORLD_SIZE > 1, else None.
+    Joins the process group with the gloo backend, whatever the device: the processes exchange
+    only a barrier. The timeout is long because one shard may take hours to translate."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    return torch.distributed.get_rank(), world
+
+
+def shard_part(out_path, i, n):
+    """The file shard i of n (1-based) is written to under torchrun."""
+    return f"{out_path}.shard{i}of{n}"
+
+
+def join_parts(out_path, n):
+    """After every process has written its part (a barrier), process 0 concatenates the parts
+    in shard order into out_path and deletes them: the shards are contiguous blocks of lines,
+    so the result is the unsharded output, line for line."""
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        parts = [shard_part(out_path, i, n) for i in range(1, n + 1)]
+        with open(out_path + ".tmp", "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        os.replace(out_path + ".tmp", out_path)
+        for part in parts:
+            os.remove(part)
+    torch.distributed.barrier()      # no process ends before the joined file exists
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. Reports: Kim & Rush (2016) Table 1 columns, and the attention heat map
 # ---------------------------------------------------------------------------------------------
@@ -569,7 +613,8 @@ def parse_args(argv=None):
         epilog="examples:\n"
                "  translate and score:  python beam.py --ckpt best.pt --src test.en --ref test.de --out test.hyp\n"
                "  Seq-KD data:          python beam.py --ckpt teacher.pt --src train.en --beam 5 --out train.kd.de\n"
-               "    (on 4 GPUs: --shard 1/4 ... --shard 4/4 with --out part1 ... part4, then cat part1 .. part4)\n"
+               "    on 4 GPUs:          torchrun --nproc_per_node 4 beam.py ... --out train.kd.de (one shard each)\n"
+               "                        (or --shard 1/4 ... 4/4 with --out part1 ... part4, then cat part1 .. part4)\n"
                "  Seq-Inter data:       python beam.py --ckpt teacher.pt --src train.en --ref train.de \\\n"
                "                          --beam 35 --nbest 35 --select sentence-bleu --out train.inter.de\n"
                "  Table 1 columns:      python beam.py --ckpt best.pt --src test.en --ref test.de --report --json r.json\n"
@@ -598,7 +643,8 @@ def parse_args(argv=None):
                                            "pre-tokenized text (default: the one training used, else 13a)")
     p.add_argument("--shard", default="1/1",
                    help="I/N: translate only the I-th of N contiguous blocks of lines; "
-                        "`cat` the N outputs in order to join them")
+                        "`cat` the N outputs in order to join them (under torchrun with N "
+                        "processes this is automatic: process r takes shard r+1 of N)")
     p.add_argument("--chunk-size", type=int, default=1000,
                    help="sentences per resumable chunk of --out (default 1000)")
     p.add_argument("--show-attention", type=int, metavar="N",
@@ -634,12 +680,22 @@ def check_args(args):
                             "13a (raw text), none (pre-tokenized), intl, char, zh ...") from None
     if args.max_len_a < 0:
         raise UserError(f"--max-len-a {args.max_len_a}: must be >= 0")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:        # started by torchrun
+        if args.out is None or args.report or args.show_attention is not None:
+            raise UserError("under torchrun beam.py only makes files: give --out FILE (and no "
+                            "--report / --show-attention, which run in one process)")
+        if args.shard != "1/1":
+            raise UserError(f"--shard {args.shard}: under torchrun each process takes one shard "
+                            "already; leave out --shard")
     return parse_shard(args.shard)
 
 
 def run(args):
     shard = check_args(args)
+    ranks = join_torchrun()                  # (rank, world size) under torchrun, else None
     device = pick_device(args.device)
+    if ranks and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # a GPU per process
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt, device)
     src_vocab, tgt_vocab = data.vocabs_from_checkpoint(ckpt)
@@ -671,15 +727,27 @@ def run(args):
 
     log = sys.stderr if args.out is None else sys.stdout      # keep stdout for translations
     run_info = {"ckpt": os.path.abspath(args.ckpt), "src": os.path.abspath(args.src)}
-    stats = translate_file(model, src_vocab, tgt_vocab, lines, args.out, beam=args.beam,
+    out_path, show_progress = args.out, not args.no_progress
+    if ranks:                                # this process: shard rank+1 of N, to its own part
+        shard = (ranks[0] + 1, ranks[1])
+        out_path = shard_part(args.out, *shard)
+        show_progress = show_progress and ranks[0] == 0     # one progress bar: process 0's
+    stats = translate_file(model, src_vocab, tgt_vocab, lines, out_path, beam=args.beam,
                            nbest=args.nbest, refs=refs, select=bool(args.select),
                            tokenize=tokenize, shard=shard, chunk_size=args.chunk_size,
                            batch_size=args.batch_size, run_info=run_info,
-                           progress=not args.no_progress, **search)
+                           progress=show_progress, **search)
     if stats["sentences"]:
         print(f"translated {stats['sentences']} sentences, {stats['src_words']} source words in "
               f"{stats['seconds']:.1f}s: {stats['src_words'] / max(stats['seconds'], 1e-9):.0f} "
-              f"source words/s ({device}, beam {args.beam})", file=log)
+              f"source words/s ({device}, beam {args.beam}"
+              + (f", shard {shard[0]}/{shard[1]})" if ranks else ")"), file=log)
+    if ranks:
+        join_parts(args.out, ranks[1])
+        torch.distributed.destroy_process_group()
+        if ranks[0] != 0:
+            return stats
+        shard = (1, 1)                       # the joined file holds every line
     if refs is not None:
         start, end = shard_range(len(lines), *shard)
         if args.out is None:

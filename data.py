@@ -1,7 +1,7 @@
 """
 Data for seqkd: vocabularies, corpus reading, a built-in synthetic language pair, and batching.
 
-Read this file top to bottom; it has five sections:
+Read this file top to bottom, section by section:
 
   1. Constants and errors   PAD/UNK/BOS/EOS ids shared by every vocabulary, UserError.
   2. Vocabularies           WordVocab (whitespace tokens), SpmVocab (sentencepiece), build_vocabs,
@@ -13,6 +13,11 @@ Read this file top to bottom; it has five sections:
                             builtin_splits(): its splits. Grammar: synthetic_corpus's docstring.
   5. Batching               encode_pairs, collate (pad, add BOS/EOS, masks), batch_indices (length
                             buckets, token budget, per-epoch shuffle), batches.
+  6. T5 span corruption     span_corrupt (Raffel et al. 2020: dropped spans -> sentinels <X0>..),
+                            span_corruption_examples, build_vocab_with_sentinels, sentinel_ids.
+  7. Public corpora         python data.py prepare wmt14-en-de|iwslt15-en-vi|multi30k --out DIR:
+                            download (resumable), check line counts, unpack, write
+                            DIR/{train,valid,test}.{src,tgt}; CORPORA is the table of files.
 
 Conventions used everywhere in seqkd:
   - ids PAD=0, UNK=1, BOS=2, EOS=3 in every vocabulary (word and sentencepiece alike);
@@ -24,16 +29,25 @@ Conventions used everywhere in seqkd:
   - bad user input raises UserError with a one-line message naming the file or flag and the fix.
 """
 
+import argparse
+import gzip
+import http.client
 import io
 import os
 import random
 import re
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 
 import sentencepiece
 import torch
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------
 # 1. Constants and errors
@@ -651,3 +665,414 @@ def batches(examples, batch_tokens=None, batch_size=None, shuffle=True, seed=0, 
     lengths = [(len(s), len(t)) for s, t in examples]
     return [collate(examples, idxs)
             for idxs in batch_indices(lengths, batch_tokens, batch_size, shuffle, seed, epoch)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. T5 span corruption
+# ---------------------------------------------------------------------------------------------
+# T5's unsupervised objective (Raffel et al. 2020, section 3.1.4; the span lengths of 3.3.4):
+# drop 15% of a sentence's tokens, in spans of mean length 3; in the input, each dropped span
+# becomes ONE sentinel token; the target lists each sentinel followed by the tokens it replaced.
+# The paper's example (its Figure 2), with the spans "for inviting" and "last":
+#     original   Thank you for inviting me to your party last week .
+#     input      Thank you <X0> me to your party <X1> week .
+#     target     <X0> for inviting <X1> last
+# A model trained on this needs no labels, so it is how a T5 student can be distilled on
+# unlabelled text (MiniEnD's task-agnostic stage, train.py --span-corruption) and fine-tuned
+# on translation afterwards (train.py --init).
+#
+# Sentinels are ordinary vocabulary entries "<X0>", "<X1>", ... at the ids right after the four
+# specials (4, 5, ...): build_vocab_with_sentinels reserves them (T5 calls them <extra_id_0> ...
+# and puts them at the end of its vocabulary; the place does not matter).
+#
+# Our choices, not T5's: (1) the target ends with EOS (collate adds it), not with one more
+# sentinel as in the paper's figure; (2) spans are placed anywhere in the sentence. T5's code
+# always starts with kept tokens and ends with a dropped span, harmless on its 512-token inputs
+# but on a 10-token sentence (one span) it would always drop the last words; here the kept
+# tokens before the first span and after the last one may be none.
+
+SENTINEL_FORMAT = "<X{}>"
+
+
+def sentinel_tokens(n):
+    """The n sentinel strings "<X0>" .. "<X{n-1}>"."""
+    return [SENTINEL_FORMAT.format(i) for i in range(n)]
+
+
+def build_vocab_with_sentinels(lines, kind, size, n_sentinels):
+    """One vocabulary of `size` entries (specials and sentinels included) built on `lines`, with
+    the sentinels "<X0>" .. "<X{n-1}>" at ids 4 .. n+3. Used on both sides (a joint vocabulary).
+    word: the sentinels, then the most frequent words of the lines (a literal "<X3>" in the text
+    is the sentinel); spm: the sentinels are sentencepiece user-defined symbols (never split)."""
+    sentinels = sentinel_tokens(n_sentinels)
+    if kind == "word":
+        if size <= len(SPECIALS) + n_sentinels:
+            raise UserError(f"vocabulary size {size} leaves no room for words after the "
+                            f"{len(SPECIALS)} specials and {n_sentinels} sentinels; raise "
+                            f"--src-vocab-size or lower --sentinels")
+        words = WordVocab.build(lines, size).itos[len(SPECIALS):]    # enough even if the text
+        words = [w for w in words if w not in set(sentinels)]         # holds every sentinel
+        return WordVocab(SPECIALS + sentinels + words[:size - len(SPECIALS) - n_sentinels])
+    if kind == "spm":
+        return _spm_with_sentinels(lines, size, sentinels)
+    raise UserError(f"--tokenizer must be 'word' or 'spm', got {kind!r}")
+
+
+def _spm_with_sentinels(lines, vocab_size, sentinels):
+    """SpmVocab.build's sentencepiece model, with the sentinels as user-defined symbols (whole
+    pieces, never split; sentencepiece gives them the ids right after the specials).
+    (To become SpmVocab.build(..., user_defined_symbols=sentinels) when that takes the argument.)"""
+    model = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_piece=SPECIALS[PAD],
+            unk_piece=SPECIALS[UNK], bos_piece=SPECIALS[BOS], eos_piece=SPECIALS[EOS],
+            user_defined_symbols=sentinels, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"sentencepiece training failed ({str(e).splitlines()[0]}); check --src-vocab-size "
+                        f"(it counts the {len(sentinels)} sentinels) and the training text") from None
+    return SpmVocab(model.getvalue())
+
+
+def sentinel_ids(vocab):
+    """The ids of the sentinels "<X0>", "<X1>", ... in `vocab` (consecutive from <X0>; [] if the
+    vocabulary has none)."""
+    piece_ids = {piece: i for i, piece in enumerate(vocab.tokens(range(len(vocab))))}
+    ids = []
+    while SENTINEL_FORMAT.format(len(ids)) in piece_ids:
+        ids.append(piece_ids[SENTINEL_FORMAT.format(len(ids))])
+    return ids
+
+
+def _random_lengths(n, k, rng):
+    """Cut n items into k non-empty consecutive pieces, uniformly over all such cuts (k - 1 of
+    the n - 1 places between two items); returns the k lengths, which sum to n."""
+    cuts = sorted(rng.sample(range(1, n), k - 1))
+    return [end - start for start, end in zip([0] + cuts, cuts + [n])]
+
+
+def span_corrupt(ids, sentinel_ids, rng, noise_density=0.15, mean_span_length=3.0):
+    """T5 span corruption of one sentence (see the top of this section).
+
+    ids: the sentence's token ids, without BOS/EOS (at least one); sentinel_ids: the ids of
+    <X0>, <X1>, ... (sentinel_ids(vocab)); rng: a random.Random, the only source of randomness.
+    Returns (input_ids, target_ids): lists of ints, without BOS/EOS. With L = len(ids):
+        noise tokens  N = round(L * noise_density), at least 1, at most L - 1 (but 1 when L = 1)
+        spans         K = round(N / mean_span_length), at least 1, at most N and at most
+                          L - N + 1 (two spans need a kept token between them)
+    The N noise tokens are cut into K spans of random lengths >= 1, the L - N kept tokens into
+    K + 1 gaps, >= 1 between two spans and >= 0 before the first and after the last.
+    E.g. 20 tokens: N = 3, K = 1: the input has 17 kept tokens and one sentinel, the target is
+    the sentinel and the 3 dropped tokens. (round() is Python's, half to even, as numpy's.)
+    """
+    L = len(ids)
+    if L == 0:
+        raise ValueError("span_corrupt: an empty sentence has nothing to drop")
+    num_noise = max(1, min(round(L * noise_density), L - 1))
+    num_spans = max(1, min(round(num_noise / mean_span_length), num_noise, L - num_noise + 1))
+    if num_spans > len(sentinel_ids):
+        raise UserError(f"span corruption of a {L}-token sentence needs {num_spans} sentinels but "
+                        f"the vocabulary has {len(sentinel_ids)}: raise --sentinels (or lower --max-len)")
+    spans = _random_lengths(num_noise, num_spans, rng)
+    gaps = _random_lengths(L - num_noise + 2, num_spans + 1, rng)  # + 2, then - 1 at both ends:
+    gaps[0] -= 1                                                   # the end gaps may be empty
+    gaps[-1] -= 1
+    input_ids, target_ids, pos = [], [], 0
+    for i, (gap, span) in enumerate(zip(gaps, spans)):
+        input_ids += ids[pos:pos + gap]                            # kept tokens
+        pos += gap
+        input_ids.append(sentinel_ids[i])                          # the span, replaced by <Xi>
+        target_ids += [sentinel_ids[i]] + list(ids[pos:pos + span])  # <Xi> and what it replaced
+        pos += span
+    input_ids += ids[pos:]                                         # the kept tokens after the last span
+    return [int(i) for i in input_ids], [int(i) for i in target_ids]
+
+
+def span_corruption_examples(sentences, sentinel_ids, seed, epoch=0, noise_density=0.15,
+                             mean_span_length=3.0):
+    """[(input_ids, target_ids), ...]: span_corrupt of every sentence (a list of id lists), with
+    one random.Random seeded by (seed, epoch): the same examples for the same (seed, epoch),
+    other noise in another epoch (T5 corrupts its data afresh as it reads it)."""
+    rng = random.Random(seed * 1_000_000 + epoch)
+    return [span_corrupt(ids, sentinel_ids, rng, noise_density, mean_span_length)
+            for ids in sentences]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Preparing public corpora: python data.py prepare NAME --out DIR
+# ---------------------------------------------------------------------------------------------
+# Downloads the standard public release of a corpus, checks the line count of every file,
+# unpacks what is packed, and writes the line-aligned files that train.py reads:
+#
+#     python data.py prepare wmt14-en-de --out data/wmt14
+#       -> data/wmt14/train.en  train.de   (4,468,840 tokenized pairs)
+#          data/wmt14/valid.en  valid.de   (newstest2012 + newstest2013, 6,003 pairs)
+#          data/wmt14/test.en   test.de    (newstest2014, 2,737 pairs)
+#          data/wmt14/raw/                 (the downloads as published, vocabularies included)
+#
+# Downloads go through DIR/raw/NAME.part: a download that stops (network, Ctrl-C) continues
+# where it stopped when the same command is run again (an HTTP Range request). A file put into
+# DIR/raw/ by hand is used as it is, after the same line-count check. `--mirror URL` (or the
+# environment variable SEQKD_MIRROR) replaces the corpus's base URL: a local copy of the files,
+# or, in tests/test_prepare.py, a small HTTP server on 127.0.0.1. Only the standard library
+# (urllib) is used for downloading.
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a published corpus.
+
+    url_path: its path under the corpus's base URL; downloaded to DIR/raw/<its last part>
+    name:     the text file it gives in DIR/raw/: the download itself, or what is unpacked from
+              it (a .gz file is gunzipped; a tar archive gives its `member`)
+    lines:    the number of lines the text file must have (None: not checked)
+    member:   the path inside a tar archive (.tar, .tgz, .tar.gz) of the file to extract"""
+
+    url_path: str
+    name: str
+    lines: int | None
+    member: str | None = None
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A published parallel corpus: where its files are and how they make the three splits.
+    splits: {"train" | "valid" | "test": [stem, ...]}: split.LANG is DIR/raw/stem.LANG of
+    each stem, joined in this order (e.g. valid = newstest2012 followed by newstest2013)."""
+
+    about: str
+    base_url: str
+    src: str
+    tgt: str
+    files: tuple
+    splits: dict
+    tokenized: bool     # the text is already tokenized: BLEU with --bleu-tokenize none
+
+
+def _both_sides(stem, lines, src, tgt, packed=""):
+    """The RemoteFiles stem.SRC and stem.TGT of one line-aligned pair (`packed`: e.g. ".gz")."""
+    return tuple(RemoteFile(f"{stem}.{lang}{packed}", f"{stem}.{lang}", lines) for lang in (src, tgt))
+
+
+CORPORA = {
+    # Luong et al. (2015)'s preprocessed WMT'14 English-German, the data of Kim & Rush (2016):
+    # tokenized text, newstest2012/2013 for validation, newstest2014 (the filtered 2,737-sentence
+    # version) for the test. vocab.50K.* are the 50k-word vocabularies the papers used;
+    # train.py builds the same-size vocabulary from train.* itself (--src-vocab-size 50000).
+    "wmt14-en-de": Corpus(
+        about="WMT'14 English-German, preprocessed by the Stanford NLP group (Luong et al., 2015)",
+        base_url="https://nlp.stanford.edu/projects/nmt/data/wmt14.en-de/",
+        src="en", tgt="de",
+        files=(*_both_sides("train", 4_468_840, "en", "de"),
+               *_both_sides("newstest2012", 3_003, "en", "de"),
+               *_both_sides("newstest2013", 3_000, "en", "de"),
+               *_both_sides("newstest2014", 2_737, "en", "de"),
+               *_both_sides("vocab.50K", None, "en", "de")),
+        splits={"train": ["train"], "valid": ["newstest2012", "newstest2013"],
+                "test": ["newstest2014"]},
+        tokenized=True),
+    # The same group's IWSLT'15 English-Vietnamese (TED talks): tst2012 to validate, tst2013 to test.
+    "iwslt15-en-vi": Corpus(
+        about="IWSLT'15 English-Vietnamese, preprocessed by the Stanford NLP group (Luong & Manning, 2015)",
+        base_url="https://nlp.stanford.edu/projects/nmt/data/iwslt15.en-vi/",
+        src="en", tgt="vi",
+        files=(*_both_sides("train", 133_317, "en", "vi"),
+               *_both_sides("tst2012", 1_553, "en", "vi"),
+               *_both_sides("tst2013", 1_268, "en", "vi"),
+               *_both_sides("vocab", None, "en", "vi")),
+        splits={"train": ["train"], "valid": ["tst2012"], "test": ["tst2013"]},
+        tokenized=True),
+    # Multi30k task 1 (image captions), the raw (untokenized, cased) text, gzipped.
+    "multi30k": Corpus(
+        about="Multi30k task 1 English-German, raw text (Elliott et al., 2016)",
+        base_url="https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/",
+        src="en", tgt="de",
+        files=(*_both_sides("train", 29_000, "en", "de", packed=".gz"),
+               *_both_sides("val", 1_014, "en", "de", packed=".gz"),
+               *_both_sides("test_2016_flickr", 1_000, "en", "de", packed=".gz")),
+        splits={"train": ["train"], "valid": ["val"], "test": ["test_2016_flickr"]},
+        tokenized=False),
+}
+
+DOWNLOAD_CHUNK = 1 << 20     # bytes read per network read (1 MiB)
+
+
+def count_lines(path):
+    """Lines of a file counted as read_lines() does: the "\\n"s, plus one for a last line
+    without "\\n". Reads in blocks, so a multi-GB file needs little memory."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def download(url, path, progress=True):
+    """Download `url` to `path` through `path`.part, continuing an existing .part with an HTTP
+    Range request (a server that ignores Range sends the whole file: we start over).
+    UserError (one line) when the server cannot be reached, answers with an error, or the
+    connection stops early (then the .part stays: the same command resumes it)."""
+    part = path + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"User-Agent": "seqkd-data-prepare (Python urllib)"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    by_hand = f"download it by hand to {path} and rerun"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:      # "range not satisfiable": the .part is already complete
+            os.replace(part, path)
+            return
+        raise UserError(f"could not download {url}: HTTP {e.code} {e.reason}; check the URL "
+                        f"(--mirror / SEQKD_MIRROR) or {by_hand}") from None
+    except (OSError, ValueError) as e:     # URLError is an OSError; ValueError: a malformed URL
+        reason = getattr(e, "reason", e)
+        raise UserError(f"could not reach {url}: {reason}; check your connection or {by_hand}") from None
+    with response:
+        if have and response.status != 206:    # Range ignored: the whole file comes again
+            have = 0
+        size = response.headers.get("Content-Length")
+        total = have + int(size) if size is not None else None
+        done = have
+        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=os.path.basename(path), disable=None if progress else True)
+        try:
+            with open(part, "ab" if have else "wb") as f:
+                while chunk := response.read(DOWNLOAD_CHUNK):
+                    f.write(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as e:     # connection reset, timeout
+            raise UserError(f"download of {url} stopped after {done:,} bytes ({e}); run the same "
+                            f"command again to resume it") from None
+        finally:
+            bar.close()
+    if total is not None and done != total:
+        raise UserError(f"download of {url} stopped after {done:,} of {total:,} bytes; run the "
+                        f"same command again to resume it")
+    os.replace(part, path)
+
+
+def unpack(packed_path, remote, path):
+    """Write the text file `path` from a downloaded .gz file or tar archive (remote.member)."""
+    try:
+        if remote.member is not None:
+            with tarfile.open(packed_path) as archive:
+                source = archive.extractfile(remote.member)
+                if source is None:
+                    raise KeyError(remote.member)
+                _copy_to(source, path)
+        else:
+            with gzip.open(packed_path, "rb") as source:
+                _copy_to(source, path)
+    except KeyError:
+        raise UserError(f"{packed_path} holds no {remote.member}; delete it and rerun to download "
+                        f"it again") from None
+    except (OSError, EOFError, tarfile.TarError) as e:     # gzip.BadGzipFile is an OSError
+        raise UserError(f"{packed_path} cannot be unpacked ({e}); delete it and rerun to download "
+                        f"it again") from None
+
+
+def _copy_to(source, path):
+    """Copy a binary file object to `path` atomically (path.tmp, then renamed)."""
+    with open(path + ".tmp", "wb") as out:
+        shutil.copyfileobj(source, out, DOWNLOAD_CHUNK)
+    os.replace(path + ".tmp", path)
+
+
+def fetch(remote, base_url, raw_dir, progress=True):
+    """DIR/raw/remote.name, downloaded (and unpacked) unless it is there already; checks its
+    line count (UserError naming the file when it differs). Returns its number of lines."""
+    path = os.path.join(raw_dir, remote.name)
+    if not os.path.exists(path):
+        url = base_url.rstrip("/") + "/" + remote.url_path
+        downloaded = os.path.join(raw_dir, os.path.basename(remote.url_path))
+        if not os.path.exists(downloaded):
+            download(url, downloaded, progress)
+        if downloaded != path:
+            unpack(downloaded, remote, path)
+    n = count_lines(path)
+    if remote.lines is not None and n != remote.lines:
+        raise UserError(f"{path} has {n:,} lines, expected {remote.lines:,}: the file is incomplete "
+                        f"or not the published one; delete it and rerun to download it again")
+    return n
+
+
+def _join_files(paths, out_path):
+    """Concatenate text files into out_path (atomically), ending every file's last line."""
+    with open(out_path + ".tmp", "wb") as out:
+        for path in paths:
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, out, DOWNLOAD_CHUNK)
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        out.write(b"\n")
+    os.replace(out_path + ".tmp", out_path)
+
+
+def prepare_corpus(name, out_dir, mirror=None, progress=True):
+    """Download corpus NAME (a key of CORPORA), check it, and write OUT_DIR/{split}.{lang} for
+    the splits train, valid and test. mirror: a base URL used instead of the corpus's own
+    (default: the environment variable SEQKD_MIRROR, else the official URL).
+    Returns {split: (source path, target path, number of line pairs)}."""
+    if name not in CORPORA:
+        raise UserError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
+    corpus = CORPORA[name]
+    base_url = mirror or os.environ.get("SEQKD_MIRROR") or corpus.base_url
+    raw_dir = os.path.join(out_dir, "raw")
+    os.makedirs(raw_dir, exist_ok=True)
+    print(f"{name}: {corpus.about}\n  from {base_url} into {raw_dir}")
+    lines = {remote.name: fetch(remote, base_url, raw_dir, progress) for remote in corpus.files}
+
+    written = {}
+    for split, stems in corpus.splits.items():
+        paths, counts = [], []
+        for lang in (corpus.src, corpus.tgt):
+            path = os.path.join(out_dir, f"{split}.{lang}")
+            _join_files([os.path.join(raw_dir, f"{stem}.{lang}") for stem in stems], path)
+            paths.append(path)
+            counts.append(sum(lines[f"{stem}.{lang}"] for stem in stems))
+        if counts[0] != counts[1]:
+            raise UserError(f"{paths[0]} has {counts[0]:,} lines but {paths[1]} has {counts[1]:,}; "
+                            f"delete {raw_dir} and rerun")
+        written[split] = (paths[0], paths[1], counts[0])
+        print(f"  {split}: {paths[0]}, {paths[1]}: {counts[0]:,} line pairs ({' + '.join(stems)})")
+
+    def flags(split):
+        return f"--{split}-src {written[split][0]} --{split}-tgt {written[split][1]}"
+    bleu = " --bleu-tokenize none" if corpus.tokenized else ""
+    print(f"train on it with:\n  python train.py {flags('train')} {flags('valid')} {flags('test')}{bleu}")
+    return written
+
+
+def main(argv=None):
+    """python data.py prepare NAME --out DIR [--mirror URL]"""
+    parser = argparse.ArgumentParser(prog="data.py", description="seqkd data tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser(
+        "prepare", help="download a public corpus and write DIR/{train,valid,test}.{src,tgt}",
+        description="Download a public parallel corpus, check the line count of every file, and "
+                    "write DIR/{train,valid,test}.{SRC,TGT} for train.py. Downloads go to DIR/raw/; "
+                    "an interrupted download resumes when the command is run again.",
+        epilog="\n".join(f"{n}: {c.about}, {c.base_url}" for n, c in CORPORA.items()))
+    p.add_argument("name", choices=list(CORPORA), help="the corpus")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--mirror", metavar="URL",
+                   help="download from URL/<file> instead of the corpus's own site "
+                        "(default: $SEQKD_MIRROR if set)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        return prepare_corpus(args.name, args.out, mirror=args.mirror, progress=not args.no_progress)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

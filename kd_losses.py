@@ -5,7 +5,8 @@ Read top to bottom:
   1. NLL             the ordinary word-level loss, token-normalised over non-padding positions
   2. Word-KD         the student matches the teacher's next-word distribution (section 3.1)
   3. Seq-Inter       choose, from the teacher's K-best list, the hypothesis closest to the reference (3.3)
-  4. (placeholder)   attention-relation losses (MiniLM / MiniEnD), added by a later issue
+  4. Attention-relation losses (MiniLM / MiniEnD): relation_kd_loss, parse_relation_terms,
+                     RELATION_RECIPES (for the T5-like model)
 
 Seq-KD itself (section 3.2) needs no loss: it is plain NLL on the teacher's beam output, so it
 lives in beam.py (generate the data) and train.py (train on it with --train-tgt).

@@ -60,7 +60,7 @@ PRESETS = {
     "iwslt-teacher": dict(layers=2, hidden=500, emb_dim=500, dropout=0.3),
     "iwslt-student": dict(layers=2, hidden=100, emb_dim=100, dropout=0.3),
     # The built-in synthetic corpus: trains to a good model in a few CPU minutes.
-    "builtin": dict(layers=1, hidden=128, emb_dim=64, dropout=0.1),
+    "builtin": dict(layers=1, hidden=128, emb_dim=64, bidirectional=True, dropout=0.1),
     # Unit tests.
     "tiny": dict(layers=1, hidden=16, emb_dim=8, dropout=0.0),
 }

@@ -11,6 +11,15 @@ from data import PAD  # noqa: E402
 from kd_losses import nll_loss, nll_sum, select_seq_inter, sentence_bleu, word_kd_loss  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is much faster on a busy 2-core machine. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_batch(seed=0, B=3, T=5, V=7):
     """Random student/teacher logits and a PAD-padded target (sentence lengths 5, 3, 1)."""
     g = torch.Generator().manual_seed(seed)

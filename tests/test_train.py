@@ -4,6 +4,7 @@ The corpus: data.synthetic_corpus(80) as files, --batch-size 16, so one epoch is
 batches; --max-steps 8 therefore crosses an epoch end (evaluation, lr schedule) and a stop
 after 3 steps is in the middle of an epoch.
 """
+import argparse
 import json
 import math
 import signal
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import data
+import kd_losses
 import prune
 import train
 from model import load_checkpoint, model_from_checkpoint
@@ -75,8 +77,10 @@ def test_first_loss_is_log_vocab_size_and_training_lowers_it(corpus, tmp_path):
     # uniform, so the first batch's loss is ~ log V. 50 Adam steps must bring it well down.
     train.main(flags(corpus, tmp_path, "--hidden", 64, "--emb-dim", 32, "--optim", "adam", "--lr", 0.03,
                      "--max-steps", 1))
-    train.main(["--save-dir", str(tmp_path), "--resume", "--max-steps", "50"])
+    result = train.main(["--save-dir", str(tmp_path), "--resume", "--max-steps", "50"])
     records = log(tmp_path)
+    assert result["step"] == 50 and result["valid_ppl"] == records[-1]["valid_ppl"]
+    assert result["best_valid_ppl"] == min(r["valid_ppl"] for r in records)
     assert [r["step"] for r in records] == [1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
     V = load_checkpoint(tmp_path / "last.pt")["config"]["tgt_vocab"]
     assert V == 86  # the 82 target words of the 80 training pairs and the 4 specials
@@ -145,10 +149,11 @@ def test_ctrl_c_saves_the_position_and_resume_continues_identically(corpus, stra
         return clip(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_press_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
     result = train.main(flags(corpus, tmp_path, *RESUME_FLAGS, "--max-steps", 8))
     monkeypatch.undo()
     assert result["interrupted"] and len(calls) == 4
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler  # the usual Ctrl-C handler is back
     stopped = load_checkpoint(tmp_path / "last.pt")
     assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["step"]) == (1, 4, 4)
     train.main(flags(corpus, tmp_path, *RESUME_FLAGS, "--max-steps", 8, "--resume"))
@@ -244,3 +249,141 @@ def test_init_starts_from_the_weights_with_a_new_optimizer(corpus, straight, tmp
     assert 0 < delta.norm() <= 2.5 + 1e-4
     with pytest.raises(SystemExit, match=r"--layers \(3\) does not match --init"):
         train.main(flags(corpus, tmp_path / "x", "--init", straight / "best.pt", "--layers", 3))
+
+
+# ---- the T5-like model, relation KD, span corruption, --normalize (issue 5) -------------------
+
+T5_FLAGS = ["--arch", "t5", "--preset", "t5-tiny", "--optim", "adam", "--lr", 0.01]
+
+
+@pytest.fixture(scope="module")
+def t5_teacher(corpus, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("t5_teacher")
+    train.main(flags(corpus, save_dir, *T5_FLAGS, "--max-steps", 20, "--eval-every", 5))
+    return save_dir
+
+
+def test_t5_trains_with_a_joint_vocabulary_and_the_loss_falls(t5_teacher):
+    records = log(t5_teacher)
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    losses = [r["train_loss"] for r in records]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.5
+    assert records[-1]["valid_ppl"] < records[0]["valid_ppl"]
+    ckpt = load_checkpoint(t5_teacher / "best.pt")
+    assert ckpt["arch"] == "t5" and ckpt["config"]["share_embeddings"] and ckpt["config"]["d_model"] == 16
+    src_vocab, tgt_vocab = data.vocabs_from_checkpoint(ckpt)
+    assert src_vocab is tgt_vocab and data.sentinel_ids(src_vocab) == list(range(4, 104))  # 100 sentinels
+
+
+def test_beam_cli_translates_with_a_t5_checkpoint(corpus, t5_teacher, tmp_path, capsys):
+    import beam
+    out = tmp_path / "hyps.txt"
+    beam.main(["--ckpt", str(t5_teacher / "best.pt"), "--src", corpus["--valid-src"], "--ref", corpus["--valid-tgt"],
+               "--beam", "2", "--out", str(out), "--no-progress"])
+    hyps = out.read_text().splitlines()
+    assert len(hyps) == 12 and sum(bool(h) for h in hyps) >= 6
+    printed = capsys.readouterr()
+    assert "BLEU" in printed.out + printed.err   # the score against --ref
+
+
+def test_architecture_errors_are_one_line(corpus, straight, t5_teacher, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --arch lstm, but --init .*best.pt is a t5 model: drop --arch"):
+        train.main(flags(corpus, tmp_path, "--arch", "lstm", "--init", t5_teacher / "best.pt"))
+    with pytest.raises(SystemExit, match=r"^error: --hidden is a flag of --arch lstm, but the model is t5"):
+        train.main(flags(corpus, tmp_path, *T5_FLAGS, "--hidden", 8))
+    with pytest.raises(SystemExit, match=r"^error: --kd relation .* the teacher .* is an lstm model"):
+        train.main(flags(corpus, tmp_path, *T5_FLAGS, "--teacher", straight / "best.pt", "--kd", "relation"))
+    with pytest.raises(SystemExit, match=r"^error: --kd-alpha is for --kd word"):
+        train.main(flags(corpus, tmp_path, "--teacher", t5_teacher / "best.pt", "--kd", "relation", "--kd-alpha", 0.5))
+
+
+def test_word_kd_from_a_t5_teacher_into_an_lstm(corpus, t5_teacher, tmp_path):
+    train.main(flags(corpus, tmp_path, "--teacher", t5_teacher / "best.pt", "--max-steps", 2, "--eval-every", 2))
+    record = log(tmp_path)[-1]
+    assert load_checkpoint(tmp_path / "last.pt")["arch"] == "lstm"
+    parts = record["train_parts"]  # the two terms of L = 0.5 L_WORD-KD + 0.5 L_NLL, per token
+    assert record["train_loss"] == pytest.approx(0.5 * parts["word_kd"] + 0.5 * parts["nll"], rel=1e-5)
+
+
+def first_batch(corpus, vocab_ckpt, batch_size=16, seed=3):
+    """The first training batch train.main builds with flags(corpus, ...)."""
+    src_vocab, tgt_vocab = data.vocabs_from_checkpoint(vocab_ckpt)
+    pairs, _ = data.clean_pairs(data.read_parallel(corpus["--train-src"], corpus["--train-tgt"]), max_len=50,
+                                src_vocab=src_vocab, tgt_vocab=tgt_vocab, verbose=False)
+    examples = data.encode_pairs(pairs, src_vocab, tgt_vocab)
+    batching = argparse.Namespace(batch_tokens=None, batch_size=batch_size, seed=seed)
+    return data.collate(examples, train.make_batches(examples, batching, shuffle=True, epoch=1)[0])
+
+
+def test_relation_kd_step_is_kd_losses_relation_kd_loss(corpus, t5_teacher, tmp_path):
+    # a T5 student half the teacher's width (inner 8 vs 16), one step of MiniEnD-D + NLL
+    teacher = t5_teacher / "best.pt"
+    train.main(flags(corpus, tmp_path / "s0", *T5_FLAGS, "--d-model", 8, "--d-kv", 4, "--teacher", teacher,
+                     "--max-steps", 1))
+    student0 = tmp_path / "s0" / "last.pt"
+    terms = "miniend-d,nll=0.5"
+    train.main(flags(corpus, tmp_path / "s1", "--init", student0, "--teacher", teacher, "--kd", "relation",
+                     "--relation-terms", terms, "--relation-heads", 4, "--max-steps", 1, "--eval-every", 1))
+    record = log(tmp_path / "s1")[0]
+
+    batch = first_batch(corpus, load_checkpoint(teacher))
+    student = model_from_checkpoint(load_checkpoint(student0))
+    teacher_model = model_from_checkpoint(load_checkpoint(teacher))
+    with torch.no_grad():
+        s_logits, _, s_qkv = student(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)
+        t_logits, _, t_qkv = teacher_model(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)
+    loss, parts = kd_losses.relation_kd_loss(s_qkv, t_qkv, kd_losses.parse_relation_terms(terms), 4,
+                                             student_logits=s_logits, teacher_logits=t_logits, target=batch.tgt_out)
+    assert record["train_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert record["train_parts"].keys() == parts.keys() == {"logit", "nll", "dec-qq", "dec-kk", "dec-vv",
+                                                            "cross-qk", "cross-vv"}
+    for name, value in parts.items():
+        assert record["train_parts"][name] == pytest.approx(value.item(), rel=1e-5), name
+
+
+def test_normalize_sents_is_tokens_times_ntokens_over_sentences(corpus, straight, t5_teacher, tmp_path):
+    batch = first_batch(corpus, load_checkpoint(t5_teacher / "best.pt"))
+    B, ntokens = batch.src.size(0), batch.ntokens
+    assert ntokens / B > 5
+    student = model_from_checkpoint(load_checkpoint(t5_teacher / "best.pt"))
+    teacher = model_from_checkpoint(load_checkpoint(t5_teacher / "best.pt"))
+    for kd in [None, train.Distillation(teacher, "word", alpha=0.5),
+               train.Distillation(teacher, "relation", terms={"logit": 1.0, "enc-kk": 1.0}, relation_heads=2)]:
+        per_token, parts = train.compute_loss(student, batch, kd, normalize="tokens")
+        per_sentence, parts_sents = train.compute_loss(student, batch, kd, normalize="sents")
+        assert per_sentence.item() == pytest.approx(per_token.item() * ntokens / B, rel=1e-6)
+        assert parts_sents["loss"] == parts["loss"] == per_token          # the log stays per token
+    nll_sum, _ = kd_losses.nll_sum(student(batch.src, batch.src_mask, batch.tgt_in)[0], batch.tgt_out)
+    assert train.compute_loss(student, batch, None, "sents")[0].item() == pytest.approx(nll_sum.item() / B, rel=1e-6)
+
+    # through train.main: one SGD step without clipping moves the weights ntokens/B times as far
+    runs = {}
+    for how in ["tokens", "sents"]:
+        run = tmp_path / how
+        train.main(flags(corpus, run, "--init", t5_teacher / "best.pt", "--normalize", how, "--clip", 0,
+                         "--lr", 0.1, "--max-steps", 1, "--eval-every", 1))
+        after = load_checkpoint(run / "last.pt")["model"]
+        start = load_checkpoint(t5_teacher / "best.pt")["model"]
+        runs[how] = torch.cat([(after[k] - start[k]).flatten() for k in start])
+        assert log(run)[0]["train_loss"] == pytest.approx(log(tmp_path / "tokens")[0]["train_loss"], rel=1e-6)
+    assert runs["tokens"].abs().max() > 1e-3   # (float32 rounding of w + Δw is ~1e-7 |w|)
+    torch.testing.assert_close(runs["sents"], runs["tokens"] * ntokens / B, rtol=1e-3, atol=1e-5)
+
+
+def test_span_corruption_then_translation_with_init(corpus, straight, tmp_path, capsys):
+    # task-agnostic stage: span corruption of the training source only (no target files needed)
+    mono = ["--train-src", corpus["--train-src"], "--valid-src", corpus["--valid-src"]]
+    run = tmp_path / "span"
+    train.main(mono + ["--save-dir", str(run), *map(str, T5_FLAGS), "--span-corruption", "--batch-size", "16",
+                       "--max-steps", "6", "--eval-every", "3", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "joint (--span-corruption: one language), 100 of them sentinels" in out and "<X0>" in out
+    records = log(run)
+    assert [r["step"] for r in records] == [3, 6] and records[1]["train_loss"] < records[0]["train_loss"]
+    # then translation, from its weights and vocabulary
+    train.main(flags(corpus, tmp_path / "ft", "--init", run / "best.pt", "--max-steps", 1))
+    assert load_checkpoint(tmp_path / "ft" / "last.pt")["vocab"] == load_checkpoint(run / "best.pt")["vocab"]
+    # the LSTM vocabularies hold no sentinels
+    with pytest.raises(SystemExit, match=r"--span-corruption needs one joint vocabulary"):
+        train.main(mono + ["--save-dir", str(tmp_path / "x"), "--span-corruption", "--vocab-from",
+                           str(straight / "best.pt")])

@@ -1,0 +1,292 @@
+"""
+Distilling a T5-like translator (issue 5): logit KD, MiniLM, MiniEnD-D/E, Seq-KD, and the order of
+a staged fine-tuning, in one command.
+
+    python recipes/t5_distill.py --builtin                     # the built-in corpus
+    python recipes/t5_distill.py --smoke                       # tiny: only checks every step runs
+    python recipes/t5_distill.py --corpus ../shared/data/multi30k --src en --tgt de \\
+        --test-split test_2016_flickr --run-dir runs/t5_multi30k
+
+A flat list of steps, as recipes/kim_rush.py (whose step helpers it uses): each step calls
+train.main / beam.main with the flags a user would type, writes under the run folder, and is
+skipped when its output exists, so the same command continues after an interrupt.
+
+  step 1   teacher pre-training: T5 span corruption (Raffel et al. 2020) of the training text of
+           both languages, read as unlabelled sentences (no pairs)        -> teacher_pretrain/
+  step 2   teacher: fine-tune it on translation (--init)                    -> teacher/
+  step 3   Seq-KD data: the teacher's beam search on the training source    -> distill/train.seqkd.TGT
+  step 4   student baseline: ~1/4 of the teacher, from scratch, NLL on the references
+  step 5   control: the student pre-trained on span corruption WITHOUT a teacher, then the
+           references: what pre-training alone gives the MiniLM / MiniEnD rows
+  step 6   logit KD: Word-KD from the teacher on the references (Kim & Rush 2016, section 3.1)
+  step 7   MiniLM, MiniEnD-D, MiniEnD-E, task-agnostic as in MiniEnD (Zhang et al. 2024): the
+           student is distilled from the PRE-TRAINED teacher (step 1) on the span-corruption data
+           with the attention-relation losses (train.py --kd relation), then fine-tuned on the
+           references (--init), with the baseline's epochs and learning rate
+  step 8   Seq-KD: NLL on the teacher's translations, from scratch
+  step 9   the staged orders (QuillBot's finding: Seq-KD data first, then gold, beats the
+           reverse), each one --init away from a row above:
+             Seq-KD, then gold:   --init the Seq-KD student, fine-tune on the references
+             gold, then Seq-KD:   --init the baseline student, fine-tune on the Seq-KD data
+  step 10  the test-set report of every model (beam.py --report) and the table:
+           RUN_DIR/table.md and RUN_DIR/table.json
+
+All students take the teacher's vocabulary: one joint vocabulary (T5 shares its embedding between
+source and target) with 100 sentinel tokens for span corruption, built in step 1. Every
+translation model is chosen by validation greedy BLEU (--best-metric bleu); the span-corruption
+stages by validation perplexity. The hyper-parameters are fixed below, before any run.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # kim_rush.py, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+from data import UserError  # noqa: E402
+from kim_rush import (announce, beam_step, check_same_settings, corpus_files, first_lines,  # noqa: E402
+                      markdown_table, report_step, train_step, write_builtin_corpus, write_lines)
+from model import pick_device  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Hyper-parameters, fixed up front. The student has about 1/4 of the teacher's parameters.
+# ---------------------------------------------------------------------------------------------
+
+SETTINGS = {
+    # A real corpus (e.g. Multi30k, 29k pairs). A first guess for 2 CPU cores: time it (the tok/s
+    # of the first evaluations) and cut the epochs before reading any test score.
+    "corpus": dict(
+        tokenizer=["--tokenizer", "spm", "--src-vocab-size", "8000"],
+        # 3 + 3 layers, width 256 (~7.6M parameters with the 8k embedding)
+        teacher=["--arch", "t5", "--layers", "3", "--d-model", "256", "--heads", "4", "--d-kv", "64",
+                 "--d-ff", "1024", "--dropout", "0.1"],
+        # 2 + 2 layers, width 128 (~1.9M)
+        student=["--arch", "t5", "--layers", "2", "--d-model", "128", "--heads", "4", "--d-kv", "32",
+                 "--d-ff", "512", "--dropout", "0.1"],
+        optim=["--optim", "adam", "--batch-size", "64"],
+        lr=5e-4,               # Adam; no warm-up in train.py, so a moderate rate
+        finetune_lr=1e-4,      # the second stage of a staged order
+        pretrain_epochs=2,     # span corruption over both sides of the training text
+        teacher_epochs=8,
+        student_epochs=8,
+        finetune_epochs=2,
+        kd_alpha=0.5,          # Word-KD as Kim & Rush
+        relation_heads=8,      # divides both inner widths (256, 128)
+        seqkd_beam=5,
+        report_beam=5,
+        max_train=None,
+        max_eval=None,
+    ),
+    # The built-in synthetic corpus (data.builtin_splits).
+    "builtin": dict(
+        tokenizer=["--tokenizer", "word"],
+        teacher=["--arch", "t5", "--preset", "t5-builtin"],          # 2 + 2 layers, width 128
+        student=["--arch", "t5", "--layers", "2", "--d-model", "64", "--heads", "4", "--d-kv", "16",
+                 "--d-ff", "256", "--dropout", "0.1"],
+        optim=["--optim", "adam", "--batch-size", "64"],
+        lr=1e-3,
+        finetune_lr=2e-4,
+        pretrain_epochs=1,
+        teacher_epochs=3,
+        student_epochs=3,
+        finetune_epochs=1,
+        kd_alpha=0.5,
+        relation_heads=4,      # divides 128 and 64
+        seqkd_beam=5,
+        report_beam=5,
+        max_train=10_000,
+        max_eval=None,
+    ),
+    # Absurdly small: only checks that every step runs (tests/test_t5_distill.py).
+    "smoke": dict(
+        tokenizer=["--tokenizer", "word"],
+        teacher=["--arch", "t5", "--preset", "t5-tiny"],             # 2 + 2 layers, width 16
+        student=["--arch", "t5", "--layers", "1", "--d-model", "8", "--heads", "2", "--d-kv", "4",
+                 "--d-ff", "16", "--dropout", "0.0"],
+        optim=["--optim", "adam", "--batch-size", "32"],
+        lr=1e-2,
+        finetune_lr=1e-3,
+        pretrain_epochs=1,
+        teacher_epochs=1,
+        student_epochs=1,
+        finetune_epochs=1,
+        kd_alpha=0.5,
+        relation_heads=2,
+        seqkd_beam=2,
+        report_beam=2,
+        max_train=200,
+        max_eval=40,
+    ),
+}
+
+# The task-agnostic relation recipes of step 7: (row name, --relation-terms, folder prefix)
+RELATION_ROWS = [("MiniLM, then gold", "minilm", "student_minilm"),
+                 ("MiniEnD-D, then gold", "miniend-d", "student_miniend_d"),
+                 ("MiniEnD-E, then gold", "miniend-e", "student_miniend_e")]
+
+# The rows of the table: (name, model folder). Δ is against the student baseline.
+ROWS = [
+    ("Teacher baseline", "teacher"),
+    ("Student baseline", "student"),
+    ("Span-corruption pre-training, then gold (no teacher)", "student_pretrain_gold"),
+    ("Logit KD (Word-KD)", "student_wordkd"),
+    *[(name, f"{prefix}_gold") for name, _, prefix in RELATION_ROWS],
+    ("Seq-KD", "student_seqkd"),
+    ("Seq-KD, then gold", "student_seqkd_gold"),
+    ("Gold, then Seq-KD", "student_gold_seqkd"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Distil a T5-like translator: logit KD, MiniLM, MiniEnD-D/E, "
+                                "Seq-KD and both staged orders, and the table.")
+    p.add_argument("--corpus", help="folder with {train,val,test}.{SRC,TGT} files, e.g. ../shared/data/multi30k")
+    p.add_argument("--src", default="en", help="source language suffix (default: en)")
+    p.add_argument("--tgt", default="de", help="target language suffix (default: de)")
+    p.add_argument("--valid-split", default="val", help="validation split name (default: val)")
+    p.add_argument("--test-split", default="test", help="test split name, e.g. test_2016_flickr (default: test)")
+    p.add_argument("--builtin", action="store_true", help="the built-in synthetic corpus")
+    p.add_argument("--smoke", action="store_true", help="a tiny built-in run that only checks every step runs")
+    p.add_argument("--run-dir", help="where everything goes (default: runs/t5_distill_<corpus>)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=1, help="seed of every training (default: 1)")
+    args = p.parse_args(argv)
+    if sum([bool(args.corpus), args.builtin, args.smoke]) != 1:
+        p.error("give exactly one of --corpus FOLDER, --builtin, --smoke")
+    return args
+
+
+def run(args):
+    t_start = time.time()
+    setting_name = "smoke" if args.smoke else "builtin" if args.builtin else "corpus"
+    S = SETTINGS[setting_name]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_run = "t5_distill_" + (setting_name if setting_name != "corpus" else Path(args.corpus).name)
+    run_dir = Path(args.run_dir or Path("runs") / default_run)
+    distill, reports = run_dir / "distill", run_dir / "reports"
+
+    # ---- the corpus (a missing folder fails here, before anything is written) -----------------
+    if args.corpus:
+        src, tgt, valid_split, test_split = args.src, args.tgt, args.valid_split, args.test_split
+        files = corpus_files(args.corpus, src, tgt, ["train", valid_split, test_split])
+    else:
+        src, tgt, valid_split, test_split = "en", "de", "val", "test"
+        write_builtin_corpus(run_dir / "corpus")
+        files = corpus_files(run_dir / "corpus", src, tgt, ["train", valid_split, test_split])
+    for folder in (run_dir, distill, reports):
+        folder.mkdir(parents=True, exist_ok=True)
+    check_same_settings(run_dir / "settings.json", dict(setting=setting_name, seed=args.seed, **S))
+    print(f"T5 distillation: setting '{setting_name}', run folder {run_dir}")
+    if S["max_train"]:
+        files["train"] = first_lines(files["train"], S["max_train"], run_dir / "subset")
+    if S["max_eval"]:
+        for split in (valid_split, test_split):
+            files[split] = first_lines(files[split], S["max_eval"], run_dir / "subset")
+    train_src, train_ref = files["train"]
+    valid_src, valid_ref = files[valid_split]
+    test_src, test_ref = files[test_split]
+    # the unlabelled text of span corruption: every training sentence of both languages
+    mono = run_dir / "mono.txt"
+    if not mono.exists():
+        write_lines(mono, data.read_lines(train_src) + data.read_lines(train_ref))
+
+    common = [*S["optim"], "--seed", str(args.seed), "--device", args.device]
+
+    def translation(tgt_file, epochs, lr):
+        """Flags of a translation training on (train_src, tgt_file), chosen by validation BLEU."""
+        return ["--train-src", train_src, "--train-tgt", tgt_file, "--valid-src", valid_src, "--valid-tgt",
+                valid_ref, *common, "--best-metric", "bleu", "--epochs", str(epochs), "--lr", str(lr)]
+
+    span_corruption = ["--span-corruption", "--mono", str(mono), "--valid-src", valid_src, *common,
+                       "--best-metric", "ppl", "--epochs", str(S["pretrain_epochs"]), "--lr", str(S["lr"])]
+
+    # ---- steps 1-2: the teacher, pre-trained on span corruption, then fine-tuned on translation -
+    pretrained_teacher = train_step("step 1: teacher pre-training (T5 span corruption of the training text)",
+                                    run_dir / "teacher_pretrain", span_corruption + S["tokenizer"] + S["teacher"])
+    teacher = train_step("step 2: teacher (fine-tuned on the references)", run_dir / "teacher",
+                         translation(train_ref, S["teacher_epochs"], S["lr"]) + ["--init", pretrained_teacher])
+
+    # ---- step 3: Seq-KD data -------------------------------------------------------------------
+    seqkd_tgt = str(distill / f"train.seqkd.{tgt}")
+    beam_step(f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the training source",
+              seqkd_tgt, ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
+                          "--device", args.device])
+
+    # ---- steps 4-6: students trained on the references -----------------------------------------
+    student = S["student"] + ["--vocab-from", teacher]     # the joint vocabulary with sentinels
+    gold = translation(train_ref, S["student_epochs"], S["lr"])
+    baseline = train_step("step 4: student baseline (from scratch, NLL on the references)",
+                          run_dir / "student", gold + student)
+    pretrained = train_step("step 5a: control: student pre-trained on span corruption, no teacher",
+                            run_dir / "student_pretrain", span_corruption + student)
+    train_step("step 5b: control: ... then fine-tuned on the references", run_dir / "student_pretrain_gold",
+               gold + ["--init", pretrained])
+    train_step("step 6: logit KD (Word-KD from the teacher on the references)", run_dir / "student_wordkd",
+               gold + student + ["--teacher", teacher, "--kd", "word", "--kd-alpha", str(S["kd_alpha"])])
+
+    # ---- step 7: task-agnostic relation distillation, then fine-tuning -------------------------
+    for name, terms, prefix in RELATION_ROWS:
+        distilled = train_step(f"step 7a: {name.split(',')[0]}: relation KD from the pre-trained teacher on "
+                               "span corruption", run_dir / prefix,
+                               span_corruption + student + ["--teacher", pretrained_teacher, "--kd", "relation",
+                                                            "--relation-terms", terms,
+                                                            "--relation-heads", str(S["relation_heads"])])
+        train_step(f"step 7b: {name.split(',')[0]}: fine-tuned on the references", run_dir / f"{prefix}_gold",
+                   gold + ["--init", distilled])
+
+    # ---- steps 8-9: Seq-KD, and the two staged orders --------------------------------------------
+    seqkd = train_step("step 8: Seq-KD (from scratch, NLL on the teacher's translations)",
+                       run_dir / "student_seqkd",
+                       translation(seqkd_tgt, S["student_epochs"], S["lr"]) + student)
+    train_step("step 9a: Seq-KD, then gold (fine-tune the Seq-KD student on the references)",
+               run_dir / "student_seqkd_gold",
+               translation(train_ref, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd])
+    train_step("step 9b: gold, then Seq-KD (fine-tune the baseline student on the Seq-KD data)",
+               run_dir / "student_gold_seqkd",
+               translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", baseline])
+
+    # ---- step 10: reports and the table ----------------------------------------------------------
+    rows = []
+    for name, folder in ROWS:
+        report = report_step(f"step 10: report, {name}", str(run_dir / folder / "best.pt"), test_src, test_ref,
+                             str(reports / f"{folder}.json"), S["report_beam"], args.device)
+        rows.append((name, report))
+    table = markdown_table(rows, S["report_beam"])
+    seconds = time.time() - t_start
+    note = (f"Test set: {test_src} ({rows[0][1]['sentences']} sentences). BLEU: sacrebleu "
+            f"({rows[0][1].get('bleu_signature', '')}). Δ: against the student baseline. PPL: perplexity on "
+            f"the references. p(t = ŷ): mean probability of the model's own beam-{S['report_beam']} output. "
+            f"Speed: source words/s on device '{pick_device(args.device)}'. This invocation took "
+            f"{seconds / 60:.1f} min.")
+    (run_dir / "table.md").write_text(table + "\n\n" + note + "\n")
+    result = {"setting": setting_name, "settings": S, "run_dir": str(run_dir), "seconds": seconds,
+              "test_src": test_src, "test_ref": test_ref,
+              "rows": [dict(name=name, folder=folder, **report) for (name, folder), (_, report) in zip(ROWS, rows)]}
+    (run_dir / "table.json").write_text(json.dumps(result, indent=1) + "\n")
+    announce("Distilling a T5-like translator")
+    print(table + "\n\n" + note)
+    print(f"\nwritten: {run_dir / 'table.md'}, {run_dir / 'table.json'}")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

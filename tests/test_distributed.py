@@ -1,0 +1,137 @@
+"""Tests for running under torchrun on CPU (gloo backend, 2 processes): sharded distillation-data
+generation in beam.py. Each torchrun launch starts 3 Python processes, so the file keeps to few
+launches with tiny models."""
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import beam  # noqa: E402
+import data  # noqa: E402
+import model as seqmodel  # noqa: E402
+from data import EOS  # noqa: E402
+
+
+def torchrun(*args, timeout=120):
+    """python -m torch.distributed.run --standalone --nproc_per_node 2 ARGS, in the repository
+    root, on CPU with one thread per process. Returns the CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# beam.py under torchrun: one shard per process, joined in order by process 0
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_teacher(tmp_path):
+    """A tiny random LSTM checkpoint, 11 source lines (one empty) and their references."""
+    pairs = data.synthetic_corpus(10, seed=4)
+    src = [s for s, _ in pairs[:5]] + [""] + [s for s, _ in pairs[5:]]
+    ref = [t for _, t in pairs[:5]] + [""] + [t for _, t in pairs[5:]]
+    torch.manual_seed(0)
+    src_vocab, tgt_vocab = data.WordVocab.build(src, 40), data.WordVocab.build(ref, 40)
+    cfg = seqmodel.make_config("lstm", "tiny", src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab))
+    m = seqmodel.build_model("lstm", asdict(cfg))
+    with torch.no_grad():
+        m.generator.bias[EOS] += 1.0          # most hypotheses end before the maximum length
+    seqmodel.save_checkpoint({"format": "seqkd", "arch": "lstm", "config": asdict(cfg),
+                              "vocab": {"src": src_vocab.to_dict(), "tgt": tgt_vocab.to_dict()},
+                              "model": m.state_dict(), "args": {"bleu_tokenize": "none"}},
+                             tmp_path / "teacher.pt")
+    (tmp_path / "src.txt").write_text("\n".join(src) + "\n")
+    (tmp_path / "ref.txt").write_text("\n".join(ref) + "\n")
+    return {name: str(tmp_path / f) for name, f in
+            [("ckpt", "teacher.pt"), ("src", "src.txt"), ("ref", "ref.txt")]}
+
+
+def test_beam_under_torchrun_equals_one_process(tiny_teacher, tmp_path, capsys):
+    flags = ["--ckpt", tiny_teacher["ckpt"], "--src", tiny_teacher["src"], "--ref", tiny_teacher["ref"],
+             "--beam", "3", "--nbest", "2", "--batch-size", "2", "--chunk-size", "2",
+             "--device", "cpu", "--no-progress"]
+    one = tmp_path / "one.nbest"
+    beam.main(flags + ["--out", str(one)])
+    bleu_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BLEU")]
+
+    two = tmp_path / "two.nbest"
+    run = torchrun(ROOT / "beam.py", *flags, "--out", two)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # n-best lines carry the global line number: the joined file equals the one-process file
+    assert two.read_text() == one.read_text()
+    assert {int(line.split(" ||| ")[0]) for line in two.read_text().splitlines()} == set(range(11))
+    assert sorted(os.listdir(tmp_path)) == sorted(["one.nbest", "two.nbest", "teacher.pt",
+                                                   "src.txt", "ref.txt"])      # parts removed
+    assert "shard 1/2" in run.stdout and "shard 2/2" in run.stdout
+    assert [line for line in run.stdout.splitlines() if line.startswith("BLEU")] == bleu_line  # once
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "under torchrun beam.py only makes files: give --out FILE"),
+    (["--out", "x.txt", "--shard", "1/2"], "--shard 1/2: under torchrun each process takes one shard"),
+])
+def test_torchrun_refuses_what_needs_one_process(tiny_teacher, monkeypatch, flags, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")      # as torchrun sets it; refused before any rendezvous
+    with pytest.raises(SystemExit) as e:
+        beam.main(["--ckpt", tiny_teacher["ckpt"], "--src", tiny_teacher["src"], *flags])
+    assert str(e.value).startswith("error: " + message)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py under torchrun: DistributedDataParallel gives the steps of one process
+# ---------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+
+import train  # noqa: E402
+
+
+def read_log(save_dir):
+    return [json.loads(line) for line in (Path(save_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_two_processes_take_the_steps_of_one_and_resume(tmp_path):
+    # 2 processes x (4 or 3 sentences) against 1 process x 7 sentences: the same whole batches, so
+    # the same steps. Shares of unequal size and unequal token counts test the loss weighting.
+    pairs = data.synthetic_corpus(120, seed=3)
+    for name, part in [("train", pairs[:100]), ("valid", pairs[100:])]:
+        (tmp_path / f"{name}.en").write_text("\n".join(s for s, _ in part) + "\n")
+        (tmp_path / f"{name}.de").write_text("\n".join(t for _, t in part) + "\n")
+    flags = ["--train-src", tmp_path / "train.en", "--train-tgt", tmp_path / "train.de",
+             "--valid-src", tmp_path / "valid.en", "--valid-tgt", tmp_path / "valid.de",
+             "--preset", "tiny", "--optim", "sgd", "--lr", "0.5", "--batch-size", "7",
+             "--eval-every", "1", "--seed", "3", "--device", "cpu"]
+    flags = [str(f) for f in flags]
+    one = train.main(flags + ["--max-steps", "6", "--save-dir", str(tmp_path / "one")])
+
+    two = tmp_path / "two"            # 3 steps, stopped, then --resume to step 6, all under torchrun
+    for more in (["--max-steps", "3"], ["--max-steps", "6", "--resume"]):
+        run = torchrun(ROOT / "train.py", *flags, "--save-dir", two, *more)
+        assert run.returncode == 0, run.stderr[-3000:]
+    printed = [line.split(" |")[0] for line in run.stdout.splitlines() if line.startswith("step ")]
+    assert printed == ["step 4", "step 5", "step 6"]     # process 0 alone prints
+
+    log_one, log_two = read_log(tmp_path / "one"), read_log(two)
+    assert [r["step"] for r in log_two] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(log_one, log_two):   # the loss of the whole batch, and the model after each step
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+        assert b["valid_ppl"] == pytest.approx(a["valid_ppl"], rel=1e-5)
+    assert log_two[-1]["train_loss"] != pytest.approx(log_two[0]["train_loss"], abs=1e-3)  # it trains
+    final_one = seqmodel.load_checkpoint(one["last_path"])["model"]
+    final_two = seqmodel.load_checkpoint(two / "last.pt")["model"]
+    for name, weight in final_one.items():
+        assert torch.allclose(final_two[name], weight, atol=1e-5), name
+
+
+def test_loss_size_counts_what_normalize_divides_by():
+    examples = [([5], [6, 7]), ([5, 5], [6]), ([5], [6, 6, 6])]
+    assert train.loss_size(examples, [0, 2], "tokens") == (2 + 1) + (3 + 1)    # + EOS each
+    assert train.loss_size(examples, [0, 2], "sents") == 2

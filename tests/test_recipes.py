@@ -1,0 +1,124 @@
+"""Smoke test of recipes/kim_rush.py: every step of the Kim & Rush Table 1 recipe runs on a tiny
+built-in corpus (--smoke), writes its files, and a rerun redoes nothing. ~10 s on one CPU thread."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, ROOT)
+import beam  # noqa: E402
+import train  # noqa: E402
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("kim_rush", os.path.join(ROOT, "recipes", "kim_rush.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    """The recipe's --threads 1 sets torch's thread count for the process: put it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, restore_threads):
+    run_dir = tmp_path_factory.mktemp("kim_rush_smoke")
+    recipe = load_recipe()
+    result = recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])
+    return recipe, run_dir, result
+
+
+def count_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def test_smoke_run_writes_every_step(smoke_run):
+    recipe, run_dir, result = smoke_run
+    # the distilled corpora are line-aligned with the training source
+    n_train = count_lines(run_dir / "subset" / "train.en")
+    assert n_train == recipe.SETTINGS["smoke"]["max_train"]
+    assert count_lines(run_dir / "distill" / "train.seqkd.de") == n_train
+    assert count_lines(run_dir / "distill" / "train.seqinter.de") == n_train
+    # every model trained to the end, and was reported
+    for _, folder in recipe.ROWS:
+        assert (run_dir / folder / "done.json").exists(), folder
+        assert (run_dir / "reports" / f"{folder}.json").exists(), folder
+    # the table: 8 rows, in the paper's order, also as JSON
+    table = (run_dir / "table1.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0][2:] for row in rows] == [name for name, _ in recipe.ROWS]
+    saved = json.loads((run_dir / "table1.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == [name for name, _ in recipe.ROWS]
+    assert saved["rows"] == result["rows"]
+    for r in saved["rows"]:
+        assert 0 <= r["p_beam"] <= 1 and r["ppl"] > 1 and r["params"] > 0
+
+
+def test_students_share_the_teacher_vocabulary_and_are_smaller(smoke_run):
+    recipe, run_dir, result = smoke_run
+    from model import load_checkpoint
+    teacher = load_checkpoint(run_dir / "teacher" / "best.pt")
+    for _, folder in recipe.ROWS[1:]:
+        ckpt = load_checkpoint(run_dir / folder / "best.pt")
+        assert ckpt["vocab"] == teacher["vocab"], folder
+    params = {r["folder"]: r["params"] for r in result["rows"]}
+    assert params["student"] < params["teacher"] == params["teacher_seqinter"]
+
+
+def test_rerun_redoes_nothing_but_what_is_missing(smoke_run, monkeypatch):
+    recipe, run_dir, _ = smoke_run
+    (run_dir / "reports" / "student_seqkd.json").unlink()
+    (run_dir / "table1.md").unlink()
+
+    def no_training(argv=None):
+        raise AssertionError(f"train.main called again: {argv}")
+
+    calls = []
+    real_beam_main = beam.main
+
+    def beam_main(argv=None):
+        assert "--report" in argv, f"a finished translation was redone: {argv}"
+        calls.append(argv)
+        return real_beam_main(argv)
+
+    monkeypatch.setattr(train, "main", no_training)
+    monkeypatch.setattr(beam, "main", beam_main)
+    recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])
+    assert len(calls) == 1 and str(run_dir / "student_seqkd" / "best.pt") in calls[0]
+    assert (run_dir / "table1.md").exists()
+
+
+def test_missing_corpus_folder_is_a_one_line_error(tmp_path, capsys):
+    recipe = load_recipe()
+    with pytest.raises(SystemExit) as e:
+        recipe.main(["--corpus", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run")])
+    assert str(e.value).startswith("error: --corpus") and "no such folder" in str(e.value)
+
+
+def test_missing_split_names_the_splits_found(tmp_path):
+    recipe = load_recipe()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("train.en", "train.de", "val.en", "val.de", "test_2016_flickr.en", "test_2016_flickr.de"):
+        (corpus / name).write_text("a b\n")
+    with pytest.raises(SystemExit) as e:
+        recipe.main(["--corpus", str(corpus), "--run-dir", str(tmp_path / "run")])
+    message = str(e.value)
+    assert "no test.en" in message and "test_2016_flickr" in message and "--test-split" in message
+
+
+def test_run_folder_refuses_other_settings(smoke_run):
+    recipe, run_dir, _ = smoke_run
+    with pytest.raises(SystemExit) as e:
+        recipe.main(["--smoke", "--seed", "2", "--run-dir", str(run_dir)])
+    assert str(e.value).startswith("error: ") and "other settings (seed)" in str(e.value)
