@@ -1057,10 +1057,11 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "prepare", help="download a public corpus and write DIR/{train,valid,test}.{src,tgt}",
-        description="Download a public parallel corpus, check the line count of every file, and "
-                    "write DIR/{train,valid,test}.{SRC,TGT} for train.py. Downloads go to DIR/raw/; "
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Download a public parallel corpus, check the line count of every file, and\n"
+                    "write DIR/{train,valid,test}.{SRC,TGT} for train.py. Downloads go to DIR/raw/;\n"
                     "an interrupted download resumes when the command is run again.",
-        epilog="\n".join(f"{n}: {c.about}, {c.base_url}" for n, c in CORPORA.items()))
+        epilog="corpora:\n" + "\n".join(f"  {n}: {c.about}\n    {c.base_url}" for n, c in CORPORA.items()))
     p.add_argument("name", choices=list(CORPORA), help="the corpus")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--mirror", metavar="URL",

@@ -106,10 +106,12 @@ TRAIN_PRESETS = {
                                    tgt_vocab_size=50000),
     "iwslt-teacher": LUONG_SCHEDULE,    # the vocabulary: all words of a small corpus (up to 50k)
     "iwslt-student": LUONG_SCHEDULE,
-    # The built-in corpus: a good model in minutes on a CPU (lstm: valid BLEU ~80 after 3 epochs;
-    # the ceiling of a model that picks the most frequent translation is ~85).
+    # The built-in corpus: a good model in minutes on a CPU (the ceiling of a model that picks the
+    # most frequent translation is ~85 BLEU). lstm: valid BLEU ~80 after 3 epochs. t5 (no warm-up
+    # in this loop): valid greedy BLEU 80.7 after 6 epochs at lr 5e-4, 25 s an epoch on one CPU
+    # thread; lr 1e-3 gave 37.5 after 3 epochs (5e-4: 40.5), 2e-3 and 3e-3 9.2 and 2.7 after one.
     "builtin": dict(optim="adam", lr=0.005, batch_size=32, epochs=3),
-    "t5-builtin": dict(optim="adam", lr=0.001, batch_size=32, epochs=3),
+    "t5-builtin": dict(optim="adam", lr=5e-4, batch_size=32, epochs=6),
 }
 # The defaults of the flags a training preset may set, for every flag neither given nor preset.
 TRAIN_DEFAULTS = dict(optim="sgd", batch_size=64, max_len=50, clip=5.0, normalize="tokens",
@@ -714,9 +716,12 @@ def sum_over_processes(value: torch.Tensor, world: int) -> torch.Tensor:
     return value
 
 
-def loss_size(examples, idxs, normalize: str) -> int:
-    """What --normalize divides a batch's summed loss by: its target tokens (with EOS) or sentences."""
-    return sum(len(examples[i][1]) + 1 for i in idxs) if normalize == "tokens" else len(idxs)
+def share_of_batch(examples, mine, whole, normalize: str) -> float:
+    """This process's part `mine` of the `whole` batch (example indices), counted in what --normalize
+    divides the summed loss by: target tokens (with EOS) or sentences."""
+    def size(idxs):
+        return sum(len(examples[i][1]) + 1 for i in idxs) if normalize == "tokens" else len(idxs)
+    return size(mine) / size(whole)
 
 
 # -----------------------------------------------------------------------------
@@ -942,8 +947,7 @@ def train(args) -> dict:
                 with autocast(device):
                     loss, parts = compute_loss(train_model, batch, kd, args.normalize)
                 if world > 1:  # DDP averages the N gradients: weigh this share by its part of the batch
-                    loss = loss * world * loss_size(train_examples, mine, args.normalize) / loss_size(
-                        train_examples, idxs, args.normalize)
+                    loss = loss * world * share_of_batch(train_examples, mine, idxs, args.normalize)
                 loss.backward()
                 if args.clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)

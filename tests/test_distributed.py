@@ -131,7 +131,8 @@ def test_train_two_processes_take_the_steps_of_one_and_resume(tmp_path):
         assert torch.allclose(final_two[name], weight, atol=1e-5), name
 
 
-def test_loss_size_counts_what_normalize_divides_by():
+def test_share_of_batch_counts_what_normalize_divides_by():
     examples = [([5], [6, 7]), ([5, 5], [6]), ([5], [6, 6, 6])]
-    assert train.loss_size(examples, [0, 2], "tokens") == (2 + 1) + (3 + 1)    # + EOS each
-    assert train.loss_size(examples, [0, 2], "sents") == 2
+    whole, mine = [0, 1, 2], [0, 2]                       # targets of 2, 1, 3 tokens, + EOS each
+    assert train.share_of_batch(examples, mine, whole, "tokens") == (3 + 4) / (3 + 2 + 4)
+    assert train.share_of_batch(examples, mine, whole, "sents") == 2 / 3
