@@ -2,6 +2,7 @@
 
     python bench.py                          # the BENCHMARKS.md table (2x500 and 4x1000 LSTMs)
     python bench.py --sizes 2x500 --json out.json
+    python bench.py --memory kim-rush-teacher --memory-batches 64,128     # peak memory of a step
 
 Training: random sentences of 5-20 tokens over a 500-word vocabulary, 64 sentences a batch
 (bucketed by length, as train.py batches), general attention, input feeding, dropout 0.2, Adam,
@@ -18,6 +19,7 @@ source words per second over the whole set, batches of 32 sentences.
 import argparse
 import json
 import platform
+import resource
 import time
 
 import torch
@@ -112,6 +114,40 @@ def bench_decode(cfg, examples, beam_size, batch_size=32, seed=0):
     return words / (time.perf_counter() - t0)
 
 
+def step_memory(preset, batch_sizes, length=50, vocab=50000, device="cpu"):
+    """Peak memory of one training step (forward, backward, clipping, SGD update) of an LSTM
+    preset, for the longest sentences train.py keeps (--max-len 50: 50 source words, 51 target
+    tokens with EOS), loss summed and divided by the sentences as the paper's presets do.
+
+    On the CPU the figure is the process's peak resident set size (ru_maxrss, which includes the
+    Python and PyTorch runtime). That peak only grows, so the batches are measured in increasing
+    order in one process: each figure is the peak of its own step, the largest so far. On CUDA it
+    is torch.cuda.max_memory_allocated, reset before each step."""
+    cfg = M.make_config("lstm", preset, src_vocab=vocab, tgt_vocab=vocab)
+    model = M.Seq2Seq(cfg).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    rows = []
+    for B in sorted(batch_sizes):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        src = torch.randint(4, vocab, (B, length), device=device)
+        tgt = torch.randint(4, vocab, (B, length + 1), device=device)
+        t0 = time.perf_counter()
+        logits, _ = model(src, src != data.PAD, tgt)                       # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum") / B
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # Linux: KiB
+        rows.append({"preset": preset, "batch": B, "params": M.count_params(model), "vocab": vocab,
+                     "peak_gib": peak / 2 ** 30, "step_s": time.perf_counter() - t0, "device": str(device)})
+        print(f"{preset} batch {B}: peak {peak / 2 ** 30:.2f} GiB, step {rows[-1]['step_s']:.1f} s ({device})",
+              flush=True)
+    return rows
+
+
 def parse_size(text, vocab):
     """'2x500' -> the benchmark config: layers x hidden, embeddings of the hidden size."""
     layers, hidden = (int(x) for x in text.lower().split("x"))
@@ -130,9 +166,21 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-train", action="store_true", help="measure decoding only")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--memory", metavar="PRESET", default=None,
+                   help="instead: peak memory of one training step of this model.py preset")
+    p.add_argument("--memory-batches", default="64,128", help="with --memory: comma-separated batch sizes")
+    p.add_argument("--memory-vocab", type=int, default=50000, help="with --memory: vocabulary size")
+    p.add_argument("--device", default="auto", help="with --memory: auto, cpu or cuda")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory:
+        rows = step_memory(args.memory, [int(b) for b in args.memory_batches.split(",")],
+                           vocab=args.memory_vocab, device=M.pick_device(args.device))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return rows
 
     peak = matmul_gflops()
     train_set = random_examples(args.batch_size * 8, args.vocab, seed=1)

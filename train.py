@@ -938,8 +938,8 @@ def train(args) -> dict:
             if world > 1:  # every process needs a sentence of each batch
                 order = [idxs for idxs in order if len(idxs) >= world]
             bar = tqdm(total=len(order), initial=progress.batch_in_epoch, desc=f"epoch {progress.epoch}",
-                       unit="batch", mininterval=1.0, file=sys.stderr, disable=None if rank == 0 else True,
-                       leave=False)
+                       unit="batch", file=sys.stderr, disable=rank > 0, leave=False,
+                       mininterval=1.0 if sys.stderr.isatty() else 60.0)  # a log file: a line a minute
             for idxs in order[progress.batch_in_epoch:]:
                 t0 = time.time()
                 mine = idxs[rank::world]  # this process's share of the batch (all of it in one process)

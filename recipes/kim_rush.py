@@ -286,17 +286,18 @@ def markdown_table(rows, k):
 # The recipe
 # ---------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Kim & Rush (2016) Table 1 in one command: teacher, "
-                                "students, Word-KD, Seq-KD, Seq-Inter, and the table.")
+def parse_args(argv=None, description="Kim & Rush (2016) Table 1 in one command: teacher, students, "
+               "Word-KD, Seq-KD, Seq-Inter, and the table.", recipe="kim_rush"):
+    """The flags every table recipe shares (recipes/t5_distill.py calls this too)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--corpus", help="folder with {train,val,test}.{SRC,TGT} files, e.g. ../shared/data/multi30k")
     p.add_argument("--src", default="en", help="source language suffix (default: en)")
     p.add_argument("--tgt", default="de", help="target language suffix (default: de)")
     p.add_argument("--valid-split", default="val", help="validation split name (default: val)")
     p.add_argument("--test-split", default="test", help="test split name, e.g. test_2016_flickr (default: test)")
-    p.add_argument("--builtin", action="store_true", help="the built-in synthetic corpus, ~10 min on 2 CPU cores")
+    p.add_argument("--builtin", action="store_true", help="the built-in synthetic corpus")
     p.add_argument("--smoke", action="store_true", help="a tiny built-in run that only checks every step runs")
-    p.add_argument("--run-dir", help="where everything goes (default: runs/kim_rush_<corpus>)")
+    p.add_argument("--run-dir", help=f"where everything goes (default: runs/{recipe}_<corpus>)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=1, help="seed of every training (default: 1)")

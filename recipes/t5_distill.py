@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from data import UserError  # noqa: E402
+import kim_rush  # noqa: E402
 from kim_rush import (announce, beam_step, check_same_settings, corpus_files, first_lines,  # noqa: E402
                       markdown_table, report_step, train_step, write_builtin_corpus, write_lines)
 from model import pick_device  # noqa: E402
@@ -147,23 +148,8 @@ ROWS = [
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Distil a T5-like translator: logit KD, MiniLM, MiniEnD-D/E, "
-                                "Seq-KD and both staged orders, and the table.")
-    p.add_argument("--corpus", help="folder with {train,val,test}.{SRC,TGT} files, e.g. ../shared/data/multi30k")
-    p.add_argument("--src", default="en", help="source language suffix (default: en)")
-    p.add_argument("--tgt", default="de", help="target language suffix (default: de)")
-    p.add_argument("--valid-split", default="val", help="validation split name (default: val)")
-    p.add_argument("--test-split", default="test", help="test split name, e.g. test_2016_flickr (default: test)")
-    p.add_argument("--builtin", action="store_true", help="the built-in synthetic corpus")
-    p.add_argument("--smoke", action="store_true", help="a tiny built-in run that only checks every step runs")
-    p.add_argument("--run-dir", help="where everything goes (default: runs/t5_distill_<corpus>)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=1, help="seed of every training (default: 1)")
-    args = p.parse_args(argv)
-    if sum([bool(args.corpus), args.builtin, args.smoke]) != 1:
-        p.error("give exactly one of --corpus FOLDER, --builtin, --smoke")
-    return args
+    return kim_rush.parse_args(argv, description="Distil a T5-like translator: logit KD, MiniLM, "
+                               "MiniEnD-D/E, Seq-KD and both staged orders, and the table.", recipe="t5_distill")
 
 
 def run(args):
