@@ -22,7 +22,7 @@ entry, whatever the architecture.
 """
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn

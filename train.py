@@ -716,6 +716,13 @@ def sum_over_processes(value: torch.Tensor, world: int) -> torch.Tensor:
     return value
 
 
+def leave_together(world: int) -> None:
+    """Wait until every process is done (process 0 saves and scores the test set last): a process
+    that exits early closes its gloo connections under the others, which then abort."""
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def share_of_batch(examples, mine, whole, normalize: str) -> float:
     """This process's part `mine` of the `whole` batch (example indices), counted in what --normalize
     divides the summed loss by: target tokens (with EOS) or sentences."""
@@ -987,6 +994,7 @@ def train(args) -> dict:
         save(last_path)
         print(f"stopped by Ctrl-C: saved {last_path} at epoch {progress.epoch}, batch {progress.batch_in_epoch}, "
               f"step {progress.step}; continue with --resume")
+        leave_together(world)
         return {"interrupted": True, "step": progress.step, "last_path": str(last_path)}
     time_limit = stop is not None and stop.startswith("--time-limit")
     if last_eval_step != progress.step or time_limit:  # evaluate where training ended (no lr change)
@@ -1010,6 +1018,7 @@ def train(args) -> dict:
         bleu = greedy_bleu(best, test_pairs, src_vocab, tgt_vocab, args)
         print(f"test ({best_path}): ppl {ppl:.2f} | greedy BLEU {bleu.score:.2f} | {bleu.signature}")
         metrics.update(test_ppl=ppl, test_bleu=bleu.score)
+    leave_together(world)
     return metrics
 
 

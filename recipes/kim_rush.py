@@ -397,31 +397,36 @@ def run(args):
                train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd_wordkd]
                + word_kd)
 
-    # ---- step 11: the Table 1 columns of every model on the test set ----------------------------
-    rows = []
-    for name, folder in ROWS:
-        report = report_step(f"step 11: report, {name}", str(run_dir / folder / "best.pt"),
-                             test_src, test_ref, str(reports / f"{folder}.json"), S["report_beam"],
-                             args.device)
-        rows.append((name, report))
+    # ---- steps 11 and 12: the Table 1 columns of every model on the test set, and the table ------
+    return report_and_table("step 11", "Kim & Rush (2016), Table 1", "table1", run_dir, ROWS, S, setting_name,
+                            test_src, test_ref, args.device, t_start,
+                            "Δ: teacher rows against the teacher baseline, student rows against the student baseline.")
 
-    # ---- step 12: the table ---------------------------------------------------------------------
+
+def report_and_table(step, title, stem, run_dir, rows_spec, S, setting_name, test_src, test_ref, device,
+                     t_start, delta_note):
+    """Report every model of `rows_spec` [(row name, folder under run_dir)] on the test set
+    (beam.py --report), print the Markdown table and write RUN_DIR/STEM.md and RUN_DIR/STEM.json."""
+    rows = []
+    for name, folder in rows_spec:
+        report = report_step(f"{step}: report, {name}", str(run_dir / folder / "best.pt"), test_src, test_ref,
+                             str(run_dir / "reports" / f"{folder}.json"), S["report_beam"], device)
+        rows.append((name, report))
     table = markdown_table(rows, S["report_beam"])
     seconds = time.time() - t_start
-    signature = rows[0][1].get("bleu_signature", "")
-    note = (f"Test set: {test_src} ({rows[0][1]['sentences']} sentences). BLEU: sacrebleu ({signature}). "
-            f"PPL: perplexity on the references. p(t = ŷ): mean probability of the model's own "
-            f"beam-{S['report_beam']} output. Speed: source words/s on {args.device} device "
-            f"'{pick_device(args.device)}'. This invocation took {seconds / 60:.1f} min.")
-    (run_dir / "table1.md").write_text(table + "\n\n" + note + "\n")
+    note = (f"Test set: {test_src} ({rows[0][1]['sentences']} sentences). BLEU: sacrebleu "
+            f"({rows[0][1].get('bleu_signature', '')}). {delta_note} PPL: perplexity on the references. "
+            f"p(t = ŷ): mean probability of the model's own beam-{S['report_beam']} output. Speed: source "
+            f"words/s on device '{pick_device(device)}'. This invocation took {seconds / 60:.1f} min.")
+    (run_dir / f"{stem}.md").write_text(table + "\n\n" + note + "\n")
     result = {"setting": setting_name, "settings": S, "run_dir": str(run_dir), "seconds": seconds,
               "test_src": test_src, "test_ref": test_ref,
               "rows": [dict(name=name, folder=folder, **report)
-                       for (name, folder), (_, report) in zip(ROWS, rows)]}
-    (run_dir / "table1.json").write_text(json.dumps(result, indent=1) + "\n")
-    announce("Kim & Rush (2016), Table 1")
+                       for (name, folder), (_, report) in zip(rows_spec, rows)]}
+    (run_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    announce(title)
     print(table + "\n\n" + note)
-    print(f"\nwritten: {run_dir / 'table1.md'}, {run_dir / 'table1.json'}")
+    print(f"\nwritten: {run_dir / (stem + '.md')}, {run_dir / (stem + '.json')}")
     return result
 
 

@@ -36,8 +36,6 @@ source and target) with 100 sentinel tokens for span corruption, built in step 1
 translation model is chosen by validation greedy BLEU (--best-metric bleu); the span-corruption
 stages by validation perplexity. The hyper-parameters are fixed below, before any run.
 """
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -50,9 +48,8 @@ import torch  # noqa: E402
 import data  # noqa: E402
 from data import UserError  # noqa: E402
 import kim_rush  # noqa: E402
-from kim_rush import (announce, beam_step, check_same_settings, corpus_files, first_lines,  # noqa: E402
-                      markdown_table, report_step, train_step, write_builtin_corpus, write_lines)
-from model import pick_device  # noqa: E402
+from kim_rush import (beam_step, check_same_settings, corpus_files, first_lines, train_step,  # noqa: E402
+                      write_builtin_corpus, write_lines)
 
 # ---------------------------------------------------------------------------------------------
 # Hyper-parameters, fixed up front. The student has about 1/4 of the teacher's parameters.
@@ -243,27 +240,9 @@ def run(args):
                translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", baseline])
 
     # ---- step 10: reports and the table ----------------------------------------------------------
-    rows = []
-    for name, folder in ROWS:
-        report = report_step(f"step 10: report, {name}", str(run_dir / folder / "best.pt"), test_src, test_ref,
-                             str(reports / f"{folder}.json"), S["report_beam"], args.device)
-        rows.append((name, report))
-    table = markdown_table(rows, S["report_beam"])
-    seconds = time.time() - t_start
-    note = (f"Test set: {test_src} ({rows[0][1]['sentences']} sentences). BLEU: sacrebleu "
-            f"({rows[0][1].get('bleu_signature', '')}). Δ: against the student baseline. PPL: perplexity on "
-            f"the references. p(t = ŷ): mean probability of the model's own beam-{S['report_beam']} output. "
-            f"Speed: source words/s on device '{pick_device(args.device)}'. This invocation took "
-            f"{seconds / 60:.1f} min.")
-    (run_dir / "table.md").write_text(table + "\n\n" + note + "\n")
-    result = {"setting": setting_name, "settings": S, "run_dir": str(run_dir), "seconds": seconds,
-              "test_src": test_src, "test_ref": test_ref,
-              "rows": [dict(name=name, folder=folder, **report) for (name, folder), (_, report) in zip(ROWS, rows)]}
-    (run_dir / "table.json").write_text(json.dumps(result, indent=1) + "\n")
-    announce("Distilling a T5-like translator")
-    print(table + "\n\n" + note)
-    print(f"\nwritten: {run_dir / 'table.md'}, {run_dir / 'table.json'}")
-    return result
+    return kim_rush.report_and_table("step 10", "Distilling a T5-like translator", "table", run_dir, ROWS, S,
+                                     setting_name, test_src, test_ref, args.device, t_start,
+                                     "Δ: against the student baseline.")
 
 
 def main(argv=None):

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import beam  # noqa: E402
 import data  # noqa: E402
 import model as seqmodel  # noqa: E402
-from data import BOS, EOS, PAD, SPECIALS, UNK  # noqa: E402
+from data import BOS, EOS, SPECIALS  # noqa: E402
 
 A, B_, C = 4, 5, 6          # token ids of the words a, b, c
 V = 7

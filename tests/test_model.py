@@ -1,5 +1,7 @@
 """Tests of model.py: the decoding interface agrees with teacher forcing, padding is invisible,
 checkpoints round-trip. Tiny models, seeded."""
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -93,7 +95,7 @@ def test_no_input_feed_has_smaller_first_layer():
 def test_checkpoint_round_trip(tmp_path):
     m = tiny()
     path = tmp_path / "m.pt"
-    ckpt = {"format": "seqkd", "arch": "lstm", "config": M.asdict(m.cfg), "model": m.state_dict(),
+    ckpt = {"format": "seqkd", "arch": "lstm", "config": asdict(m.cfg), "model": m.state_dict(),
             "vocab": {"src": {"kind": "word", "itos": ["a"]}}, "blob": b"\x00\x01"}
     M.save_checkpoint(ckpt, path)
     assert not (tmp_path / "m.pt.tmp").exists()

@@ -1,6 +1,5 @@
 """Tests for prune.py: the three schemes of See et al. (2016) on hand-made models with known
 weights, masks that survive training steps and checkpoints, the sparse export, and the CLI."""
-import math
 from dataclasses import asdict
 
 import pytest

@@ -1,6 +1,7 @@
 """Tests of the T5-like model (model.py, section 2b): relative-position buckets, RMS norm, the
 tied output layer, T5's initialisation, padding invariance, the key/value cache, the recorded
 queries/keys/values, config errors, checkpoints, and beam search on it. Tiny models, seeded."""
+import dataclasses
 import math
 
 import pytest
@@ -264,7 +265,7 @@ def test_make_config_presets_and_errors():
 def test_checkpoint_round_trip(tmp_path):
     m = tiny_t5(dec_layers=1)
     path = tmp_path / "t5.pt"
-    M.save_checkpoint({"format": "seqkd", "arch": "t5", "config": M.asdict(m.cfg),
+    M.save_checkpoint({"format": "seqkd", "arch": "t5", "config": dataclasses.asdict(m.cfg),
                        "model": m.state_dict()}, path)
     m2 = M.model_from_checkpoint(M.load_checkpoint(str(path)))
     assert isinstance(m2, M.T5Model) and len(m2.decoder) == 1
