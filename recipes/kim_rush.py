@@ -307,18 +307,16 @@ def parse_args(argv=None, description="Kim & Rush (2016) Table 1 in one command:
     return args
 
 
-def run(args):
-    t_start = time.time()
+def setup_run(args, settings, recipe, title):
+    """Step 0 of a table recipe: the setting, the run folder and the corpus files. A missing
+    corpus folder fails here, before anything is written. Returns (setting name, its settings,
+    run folder, target language suffix, {"train"/"valid"/"test": (source file, reference file)})."""
     setting_name = "smoke" if args.smoke else "builtin" if args.builtin else "corpus"
-    S = SETTINGS[setting_name]
+    S = settings[setting_name]
     if args.threads:
         torch.set_num_threads(args.threads)
-    default_run = "kim_rush_" + (setting_name if setting_name != "corpus" else Path(args.corpus).name)
+    default_run = f"{recipe}_" + (setting_name if setting_name != "corpus" else Path(args.corpus).name)
     run_dir = Path(args.run_dir or Path("runs") / default_run)
-    distill = run_dir / "distill"
-    reports = run_dir / "reports"
-
-    # ---- step 0: the corpus (a missing folder fails here, before anything is written) ----------
     if args.corpus:
         src, tgt, valid_split, test_split = args.src, args.tgt, args.valid_split, args.test_split
         files = corpus_files(args.corpus, src, tgt, ["train", valid_split, test_split])
@@ -326,18 +324,25 @@ def run(args):
         src, tgt, valid_split, test_split = "en", "de", "val", "test"
         write_builtin_corpus(run_dir / "corpus")
         files = corpus_files(run_dir / "corpus", src, tgt, ["train", valid_split, test_split])
-    for folder in (run_dir, distill, reports):
+    for folder in (run_dir, run_dir / "distill", run_dir / "reports"):
         folder.mkdir(parents=True, exist_ok=True)
-    print(f"Kim & Rush (2016) Table 1: setting '{setting_name}', run folder {run_dir}")
+    print(f"{title}: setting '{setting_name}', run folder {run_dir}")
     check_same_settings(run_dir / "settings.json", dict(setting=setting_name, seed=args.seed, **S))
     if S["max_train"]:     # a smaller corpus, to fit the time budget of the setting
         files["train"] = first_lines(files["train"], S["max_train"], run_dir / "subset")
     if S["max_eval"]:
         for split in (valid_split, test_split):
             files[split] = first_lines(files[split], S["max_eval"], run_dir / "subset")
-    train_src, train_ref = files["train"]
-    valid_src, valid_ref = files[valid_split]
-    test_src, test_ref = files[test_split]
+    return setting_name, S, run_dir, tgt, {"train": files["train"], "valid": files[valid_split],
+                                            "test": files[test_split]}
+
+
+def run(args):
+    t_start = time.time()
+    # ---- step 0: the setting, the run folder and the corpus ---------------------------------------
+    setting_name, S, run_dir, tgt, files = setup_run(args, SETTINGS, "kim_rush", "Kim & Rush (2016) Table 1")
+    (train_src, train_ref), (valid_src, valid_ref), (test_src, test_ref) = files["train"], files["valid"], files["test"]
+    distill = run_dir / "distill"
 
     # Flags every training shares: the validation data, the optimiser, seed and device.
     common = ["--valid-src", valid_src, "--valid-tgt", valid_ref, *S["optim"],

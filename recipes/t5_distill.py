@@ -43,13 +43,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # kim_rush.py, next to this file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root
 
-import torch  # noqa: E402
-
 import data  # noqa: E402
 from data import UserError  # noqa: E402
 import kim_rush  # noqa: E402
-from kim_rush import (beam_step, check_same_settings, corpus_files, first_lines, train_step,  # noqa: E402
-                      write_builtin_corpus, write_lines)
+from kim_rush import beam_step, train_step, write_lines  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Hyper-parameters, fixed up front. The student has about 1/4 of the teacher's parameters.
@@ -151,34 +148,10 @@ def parse_args(argv=None):
 
 def run(args):
     t_start = time.time()
-    setting_name = "smoke" if args.smoke else "builtin" if args.builtin else "corpus"
-    S = SETTINGS[setting_name]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    default_run = "t5_distill_" + (setting_name if setting_name != "corpus" else Path(args.corpus).name)
-    run_dir = Path(args.run_dir or Path("runs") / default_run)
-    distill, reports = run_dir / "distill", run_dir / "reports"
-
-    # ---- the corpus (a missing folder fails here, before anything is written) -----------------
-    if args.corpus:
-        src, tgt, valid_split, test_split = args.src, args.tgt, args.valid_split, args.test_split
-        files = corpus_files(args.corpus, src, tgt, ["train", valid_split, test_split])
-    else:
-        src, tgt, valid_split, test_split = "en", "de", "val", "test"
-        write_builtin_corpus(run_dir / "corpus")
-        files = corpus_files(run_dir / "corpus", src, tgt, ["train", valid_split, test_split])
-    for folder in (run_dir, distill, reports):
-        folder.mkdir(parents=True, exist_ok=True)
-    check_same_settings(run_dir / "settings.json", dict(setting=setting_name, seed=args.seed, **S))
-    print(f"T5 distillation: setting '{setting_name}', run folder {run_dir}")
-    if S["max_train"]:
-        files["train"] = first_lines(files["train"], S["max_train"], run_dir / "subset")
-    if S["max_eval"]:
-        for split in (valid_split, test_split):
-            files[split] = first_lines(files[split], S["max_eval"], run_dir / "subset")
-    train_src, train_ref = files["train"]
-    valid_src, valid_ref = files[valid_split]
-    test_src, test_ref = files[test_split]
+    # ---- the setting, the run folder and the corpus (recipes/kim_rush.py, step 0) ----------------
+    setting_name, S, run_dir, tgt, files = kim_rush.setup_run(args, SETTINGS, "t5_distill", "T5 distillation")
+    (train_src, train_ref), (valid_src, valid_ref), (test_src, test_ref) = files["train"], files["valid"], files["test"]
+    distill = run_dir / "distill"
     # the unlabelled text of span corruption: every training sentence of both languages
     mono = run_dir / "mono.txt"
     if not mono.exists():
