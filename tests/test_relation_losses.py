@@ -14,15 +14,6 @@ from kd_losses import (RELATION_RECIPES, RELATION_TERMS, check_relation_setup,
                        word_kd_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is much faster than two competing for a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fake_qkv(seed, heads, d_kv, src_lengths, tgt_lengths, layers=2):
     """Random q/k/v, (N, heads, len, d_kv), for every layer and attention, with the masks."""
     g = torch.Generator().manual_seed(seed)

@@ -12,15 +12,6 @@ import model as M
 from data import BOS, EOS, PAD, UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is much faster than two competing for a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_t5(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = M.make_config("t5", "t5-tiny", src_vocab=13, tgt_vocab=13, **overrides)
