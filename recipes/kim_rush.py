@@ -335,8 +335,10 @@ def setup_run(args, settings, recipe, title):
     if S["max_eval"]:
         for split in (valid_split, test_split):
             files[split] = first_lines(files[split], S["max_eval"], run_dir / "subset")
-    return setting_name, S, run_dir, tgt, {"train": files["train"], "valid": files[valid_split],
-                                            "test": files[test_split]}
+    files = {"train": files["train"], "valid": files[valid_split], "test": files[test_split]}
+    # the corpus files, for the recipes that continue from this run (recipes/prune_table3.py --table1)
+    (run_dir / "files.json").write_text(json.dumps(dict(files, tgt=tgt), indent=1) + "\n")
+    return setting_name, S, run_dir, tgt, files
 
 
 def run(args):

@@ -1,6 +1,12 @@
 """Kim & Rush (2016), Table 3: prune the best distilled student, retrain it, and measure.
 
-    T1=runs/kim_rush_multi30k     # the run folder of recipes/kim_rush.py (Table 1)
+    python recipes/prune_table3.py --table1 runs/kim_rush_multi30k --run-dir runs/table3
+
+--table1 takes every input from the run folder of recipes/kim_rush.py (Table 1): the student
+with the highest validation BLEU, the teacher, the Seq-KD and Seq-Inter data it made, and its
+validation and test files. Or name them one by one:
+
+    T1=runs/kim_rush_multi30k
     python recipes/prune_table3.py --student $T1/student_seqkd_seqinter/best.pt \\
         --teacher $T1/teacher/best.pt --kd-src train.en \\
         --kd-tgt $T1/distill/train.seqkd.de --inter-tgt $T1/distill/train.seqinter.de \\
@@ -10,8 +16,8 @@
     python recipes/prune_table3.py --demo     # the whole pipeline on a slice of the built-in
                                               # corpus, ~1.5 CPU minutes (numbers mean nothing)
 
-The student is the best one of the Table 1 recipe (Seq-KD + Seq-Inter); --kd-tgt and --inter-tgt
-are the Seq-KD and Seq-Inter targets it was trained on, and --kd-src the training source they
+The student is the best one of the Table 1 recipe (in the paper, Seq-KD + Seq-Inter); --kd-tgt and
+--inter-tgt are the Seq-KD and Seq-Inter targets, and --kd-src the training source they
 translate (the same files Table 1 trained on). Every row runs the same five steps, with the same
 command-line tools a user would run by hand:
 
@@ -51,7 +57,9 @@ COMPARE_AT = 0.8                        # every scheme at this amount (See et al
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_argument_group("inputs (all from the Table 1 recipe; not needed with --demo)")
+    g = ap.add_argument_group("inputs (all from the Table 1 recipe; not needed with --table1 or --demo)")
+    g.add_argument("--table1", metavar="RUN_DIR",
+                   help="the run folder of recipes/kim_rush.py: fills in every input below")
     g.add_argument("--student", help="the best distilled student checkpoint")
     g.add_argument("--teacher", help="the teacher checkpoint: the 'size vs teacher' column")
     g.add_argument("--kd-src", help="source side of the Seq-KD (and Seq-Inter) training data")
@@ -85,12 +93,53 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.demo:
         return args
+    if args.table1:
+        try:
+            from_table1(args)
+        except data.UserError as e:
+            ap.exit(2, f"error: {e}\n")
     missing = [f"--{k.replace('_', '-')}" for k in ("student", "kd_src", "kd_tgt", "inter_tgt", "valid_src",
                                                     "valid_tgt", "test_src", "test_tgt")
                if getattr(args, k) is None]
     if missing:
         ap.error(f"missing {', '.join(missing)} (or pass --demo)")
     return args
+
+
+def best_student(run_dir):
+    """The student folder of a Table 1 run with the highest validation BLEU (the test set is not
+    looked at), read from each training's done.json. Teacher rows are not candidates."""
+    scores = {}
+    for folder in sorted(Path(run_dir).glob("student*/done.json")):
+        scores[folder.parent.name] = json.loads(folder.read_text())["best_valid_bleu"]
+    if not scores:
+        raise data.UserError(f"--table1 {run_dir}: no finished student (student*/done.json); "
+                             "run recipes/kim_rush.py to the end first")
+    return max(scores, key=scores.get), scores
+
+
+def from_table1(args):
+    """Fill ARGS's input flags from the run folder of recipes/kim_rush.py (its files.json and
+    distill/ folder); a flag given on the command line wins."""
+    run_dir = Path(args.table1)
+    files_json = run_dir / "files.json"
+    if not files_json.exists():
+        raise data.UserError(f"--table1 {run_dir}: no files.json; is this the run folder of recipes/kim_rush.py? "
+                             "(rerun that recipe's command: it writes files.json and redoes nothing)")
+    files = json.loads(files_json.read_text())
+    name, scores = best_student(run_dir)
+    print("--table1: validation BLEU of the students: " +
+          ", ".join(f"{k} {v:.2f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1])) + f"; pruning {name}")
+    found = {"student": run_dir / name / "best.pt", "teacher": run_dir / "teacher" / "best.pt",
+             "kd_src": files["train"][0], "kd_tgt": run_dir / "distill" / f"train.seqkd.{files['tgt']}",
+             "inter_tgt": run_dir / "distill" / f"train.seqinter.{files['tgt']}",
+             "valid_src": files["valid"][0], "valid_tgt": files["valid"][1],
+             "test_src": files["test"][0], "test_tgt": files["test"][1]}
+    for key, path in found.items():
+        if getattr(args, key) is None:
+            if not Path(path).exists():
+                raise data.UserError(f"--table1 {run_dir}: {path} is missing; finish recipes/kim_rush.py first")
+            setattr(args, key, str(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ def test_smoke_run_writes_every_step(smoke_run):
     assert n_train == recipe.SETTINGS["smoke"]["max_train"]
     assert count_lines(run_dir / "distill" / "train.seqkd.de") == n_train
     assert count_lines(run_dir / "distill" / "train.seqinter.de") == n_train
+    # files.json names the corpus for the recipes that continue from this run (prune_table3 --table1)
+    files = json.loads((run_dir / "files.json").read_text())
+    assert files["train"] == [str(run_dir / "subset" / "train.en"), str(run_dir / "subset" / "train.de")]
+    assert files["tgt"] == "de"
     # every model trained to the end, and was reported
     for _, folder in recipe.ROWS:
         assert (run_dir / folder / "done.json").exists(), folder

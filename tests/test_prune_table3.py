@@ -1,0 +1,78 @@
+"""recipes/prune_table3.py --table1: the inputs of Table 3 read from a Table 1 run folder. The
+folder here is hand-made (done.json files with chosen validation BLEU); no model is trained."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, ROOT)
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("prune_table3", os.path.join(ROOT, "recipes", "prune_table3.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_table1_run(tmp_path, valid_bleu):
+    """A run folder as recipes/kim_rush.py leaves it: FOLDER/done.json and FOLDER/best.pt for each
+    model, distill/, and files.json naming the corpus."""
+    run = tmp_path / "t1"
+    for folder, bleu in valid_bleu.items():
+        (run / folder).mkdir(parents=True)
+        (run / folder / "done.json").write_text(json.dumps({"best_valid_bleu": bleu}))
+        (run / folder / "best.pt").write_text("not read")
+    (run / "distill").mkdir()
+    for name in ("train.seqkd.de", "train.seqinter.de"):
+        (run / "distill" / name).write_text("x\n")
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    files = {split: [str(corpus / f"{split}.en"), str(corpus / f"{split}.de")] for split in ("train", "val", "test")}
+    for path in sum(files.values(), []):
+        open(path, "w").write("x\n")
+    files["valid"] = files.pop("val")
+    (run / "files.json").write_text(json.dumps(dict(files, tgt="de")))
+    return run
+
+
+def test_best_student_is_chosen_by_validation_bleu_and_never_the_teacher(tmp_path):
+    recipe = load_recipe()
+    run = fake_table1_run(tmp_path, {"teacher": 40.0, "teacher_seqinter": 41.0, "student": 30.0,
+                                     "student_seqkd": 32.5, "student_seqkd_seqinter": 32.4})
+    name, scores = recipe.best_student(run)
+    assert name == "student_seqkd"
+    assert set(scores) == {"student", "student_seqkd", "student_seqkd_seqinter"}
+
+
+def test_table1_fills_every_input_and_a_given_flag_wins(tmp_path):
+    recipe = load_recipe()
+    run = fake_table1_run(tmp_path, {"teacher": 40.0, "student": 30.0, "student_seqkd_seqinter": 31.0})
+    args = recipe.parse_args(["--table1", str(run), "--test-src", "other.en"])
+    assert args.student == str(run / "student_seqkd_seqinter" / "best.pt")
+    assert args.teacher == str(run / "teacher" / "best.pt")
+    c = tmp_path / "c"
+    assert (args.kd_src, args.valid_src, args.valid_tgt) == (str(c / "train.en"), str(c / "val.en"), str(c / "val.de"))
+    assert args.kd_tgt == str(run / "distill" / "train.seqkd.de")
+    assert args.inter_tgt == str(run / "distill" / "train.seqinter.de")
+    assert (args.test_src, args.test_tgt) == ("other.en", str(c / "test.de"))
+
+
+def test_table1_without_files_json_is_a_one_line_error(tmp_path, capsys):
+    recipe = load_recipe()
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--table1", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "files.json" in err and str(tmp_path) in err
+
+
+def test_table1_without_a_finished_student_is_a_one_line_error(tmp_path, capsys):
+    recipe = load_recipe()
+    run = fake_table1_run(tmp_path, {"teacher": 40.0})
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--table1", str(run)])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no finished student" in err
