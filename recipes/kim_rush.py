@@ -22,8 +22,9 @@ are recorded in RUN_DIR/settings.json; other settings need another --run-dir.
   step 5   student baseline: NLL on the reference translations
   step 6   Word-KD: the student matches the teacher's word distributions on the references (3.1)
   step 7   Seq-KD: NLL on the Seq-KD data
-  step 8   Seq-KD + Word-KD: Word-KD on the Seq-KD data
-  step 9   Seq-KD + Seq-Inter: fine-tune the Seq-KD student on the Seq-Inter data (smaller lr)
+  step 8   Seq-KD + Seq-Inter: fine-tune the Seq-KD student on the Seq-Inter data (smaller lr);
+           the student Table 3 prunes (recipes/prune_table3.py can start once it exists)
+  step 9   Seq-KD + Word-KD: Word-KD on the Seq-KD data
   step 10  Seq-KD + Seq-Inter + Word-KD: fine-tune the Seq-KD + Word-KD student on the Seq-Inter
            data with Word-KD (our reading of the paper's last row)
   step 11  the Table 1 columns of every model on the test set (beam.py --report)
@@ -337,7 +338,8 @@ def setup_run(args, settings, recipe, title):
             files[split] = first_lines(files[split], S["max_eval"], run_dir / "subset")
     files = {"train": files["train"], "valid": files[valid_split], "test": files[test_split]}
     # the corpus files, for the recipes that continue from this run (recipes/prune_table3.py --table1)
-    (run_dir / "files.json").write_text(json.dumps(dict(files, tgt=tgt), indent=1) + "\n")
+    absolute = {split: [os.path.abspath(path) for path in pair] for split, pair in files.items()}
+    (run_dir / "files.json").write_text(json.dumps(dict(absolute, tgt=tgt), indent=1) + "\n")
     return setting_name, S, run_dir, tgt, files
 
 
@@ -393,14 +395,16 @@ def run(args):
     seqkd = train_step("step 7: Seq-KD student (NLL on the teacher's beam output)",
                        run_dir / "student_seqkd",
                        train_on(seqkd_tgt, S["student_epochs"], S["lr"]) + student)
-    seqkd_wordkd = train_step("step 8: Seq-KD + Word-KD student (Word-KD on the Seq-KD data)",
-                              run_dir / "student_seqkd_wordkd",
-                              train_on(seqkd_tgt, S["student_epochs"], S["lr"]) + student + word_kd)
 
-    # ---- steps 9-10: Seq-Inter fine-tuning of the Seq-KD students ------------------------------
-    train_step("step 9: Seq-KD + Seq-Inter (fine-tune the Seq-KD student on the Seq-Inter data)",
+    # ---- step 8: Seq-KD + Seq-Inter, fine-tune the Seq-KD student on the Seq-Inter data --------
+    train_step("step 8: Seq-KD + Seq-Inter (fine-tune the Seq-KD student on the Seq-Inter data)",
                run_dir / "student_seqkd_seqinter",
                train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd])
+
+    # ---- steps 9-10: Seq-KD + Word-KD, then its Seq-Inter fine-tuning ---------------------------
+    seqkd_wordkd = train_step("step 9: Seq-KD + Word-KD student (Word-KD on the Seq-KD data)",
+                              run_dir / "student_seqkd_wordkd",
+                              train_on(seqkd_tgt, S["student_epochs"], S["lr"]) + student + word_kd)
     train_step("step 10: Seq-KD + Seq-Inter + Word-KD (fine-tune the Seq-KD + Word-KD student on "
                "the Seq-Inter data, with Word-KD)", run_dir / "student_seqkd_wordkd_seqinter",
                train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd_wordkd]
