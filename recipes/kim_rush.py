@@ -28,7 +28,8 @@ are recorded in RUN_DIR/settings.json; other settings need another --run-dir.
   step 10  Seq-KD + Seq-Inter + Word-KD: fine-tune the Seq-KD + Word-KD student on the Seq-Inter
            data with Word-KD (our reading of the paper's last row)
   step 11  the Table 1 columns of every model on the test set (beam.py --report)
-  step 12  the table: RUN_DIR/table1.md and RUN_DIR/table1.json
+  step 12  the table, and the paper's six claims checked on it (check_claims):
+           RUN_DIR/table1.md and RUN_DIR/table1.json
 
 Every student takes the teacher's vocabularies (--vocab-from, or --teacher/--init which imply
 it), so Word-KD compares distributions over the same words. Every model is chosen by validation
@@ -285,6 +286,46 @@ def markdown_table(rows, k):
     return "\n".join(lines)
 
 
+# The paper's claims (issue 3), each a test on the table. The thresholds are ours, fixed with the
+# recipe: "several times" is at least 2x, "about the teacher's beam BLEU" is within 1 BLEU, and
+# "greedy ≈ beam" is at least the beam BLEU minus 0.5.
+def check_claims(r):
+    """r: {model folder: report}. Returns [(claim, holds, the numbers)] for the six claims."""
+    t, tsi, base = r["teacher"], r["teacher_seqinter"], r["student"]
+    wkd, skd = r["student_wordkd"], r["student_seqkd"]
+    # BLEU differences at the table's precision, so that a "+0.00" never counts as a gain
+    d_skd = round(skd["bleu_greedy"] - base["bleu_greedy"], 2)
+    d_wkd = round(wkd["bleu_greedy"] - base["bleu_greedy"], 2)
+    gain_skd = round(skd["bleu_beam"] - skd["bleu_greedy"], 2)
+    gain_base = round(base["bleu_beam"] - base["bleu_greedy"], 2)
+    p_ratio = skd["p_beam"] / max(base["p_beam"], 1e-12)
+    speedup = skd["words_per_s_greedy"] / t["words_per_s_beam"]
+    return [
+        ("1. Seq-KD student greedy BLEU > student baseline (paper: +4.2)",
+         d_skd > 0, f"{d_skd:+.2f}"),
+        ("2. Word-KD improves on the baseline, less than Seq-KD (paper: +0.7)",
+         0 < d_wkd < d_skd, f"Word-KD {d_wkd:+.2f}, Seq-KD {d_skd:+.2f}"),
+        ("3. Seq-KD gains less from beam search than the baseline (paper: +0.1 vs +2.9)",
+         gain_skd < gain_base, f"{gain_skd:+.2f} vs {gain_base:+.2f}"),
+        ("4. p(t = ŷ) of Seq-KD ≥ 2x the baseline's, perplexity higher (paper: 16.9% vs 0.9%; 22.7 vs 8.2)",
+         p_ratio >= 2 and skd["ppl"] > base["ppl"],
+         f"{100 * skd['p_beam']:.1f}% vs {100 * base['p_beam']:.1f}% ({p_ratio:.1f}x); "
+         f"PPL {skd['ppl']:.2f} vs {base['ppl']:.2f}"),
+        ("5. Teacher + Seq-Inter greedy ≥ teacher beam − 0.5 (paper: 19.6 vs 19.5)",
+         tsi["bleu_greedy"] >= t["bleu_beam"] - 0.5, f"{tsi['bleu_greedy']:.2f} vs {t['bleu_beam']:.2f}"),
+        ("6. Seq-KD greedy ≥ 5x faster than teacher beam, within 1 BLEU of it",
+         speedup >= 5 and skd["bleu_greedy"] >= t["bleu_beam"] - 1,
+         f"{speedup:.1f}x; {skd['bleu_greedy']:.2f} vs {t['bleu_beam']:.2f}"),
+    ]
+
+
+def claims_markdown(claims):
+    lines = ["| Claim (Kim & Rush 2016) | Holds here? | Numbers |", "|---|---|---|"]
+    lines += [f"| {claim} | {'holds' if holds else 'does not hold'} | {numbers} |"
+              for claim, holds, numbers in claims]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # The recipe
 # ---------------------------------------------------------------------------------------------
@@ -410,10 +451,18 @@ def run(args):
                train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd_wordkd]
                + word_kd)
 
-    # ---- steps 11 and 12: the Table 1 columns of every model on the test set, and the table ------
-    return report_and_table("step 11", "Kim & Rush (2016), Table 1", "table1", run_dir, ROWS, S, setting_name,
-                            test_src, test_ref, args.device, t_start,
-                            "Δ: teacher rows against the teacher baseline, student rows against the student baseline.")
+    # ---- steps 11 and 12: the Table 1 columns of every model on the test set, the table, and
+    # the paper's six claims checked on it --------------------------------------------------------
+    result = report_and_table("step 11", "Kim & Rush (2016), Table 1", "table1", run_dir, ROWS, S, setting_name,
+                              test_src, test_ref, args.device, t_start,
+                              "Δ: teacher rows against the teacher baseline, student rows against the student baseline.")
+    claims = check_claims({row["folder"]: row for row in result["rows"]})
+    result["claims"] = [dict(claim=c, holds=h, numbers=n) for c, h, n in claims]
+    with open(run_dir / "table1.md", "a", encoding="utf-8") as f:
+        f.write("\n" + claims_markdown(claims) + "\n")
+    (run_dir / "table1.json").write_text(json.dumps(result, indent=1) + "\n")
+    print("\n" + claims_markdown(claims))
+    return result
 
 
 def report_and_table(step, title, stem, run_dir, rows_spec, S, setting_name, test_src, test_ref, device,

@@ -59,11 +59,13 @@ def test_smoke_run_writes_every_step(smoke_run):
         assert (run_dir / "reports" / f"{folder}.json").exists(), folder
     # the table: 8 rows, in the paper's order, also as JSON
     table = (run_dir / "table1.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    first_table = table.split("\n\n")[0]
+    rows = [line for line in first_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0][2:] for row in rows] == [name for name, _ in recipe.ROWS]
     saved = json.loads((run_dir / "table1.json").read_text())
     assert [r["name"] for r in saved["rows"]] == [name for name, _ in recipe.ROWS]
     assert saved["rows"] == result["rows"]
+    assert len(saved["claims"]) == 6 and "| Claim (Kim & Rush 2016) |" in table
     for r in saved["rows"]:
         assert 0 <= r["p_beam"] <= 1 and r["ppl"] > 1 and r["params"] > 0
 
@@ -126,3 +128,33 @@ def test_run_folder_refuses_other_settings(smoke_run):
     with pytest.raises(SystemExit) as e:
         recipe.main(["--smoke", "--seed", "2", "--run-dir", str(run_dir)])
     assert str(e.value).startswith("error: ") and "other settings (seed)" in str(e.value)
+
+
+def paper_table1():
+    """The paper's Table 1 numbers (4x1000 teacher, 2x500 students), as reports."""
+    def report(greedy, beam=0.0, ppl=1.0, p=0.0, greedy_speed=0.0, beam_speed=0.0):
+        return dict(bleu_greedy=greedy, bleu_beam=beam, ppl=ppl, p_beam=p,
+                    words_per_s_greedy=greedy_speed, words_per_s_beam=beam_speed)
+    return {"teacher": report(17.7, 19.5, beam_speed=100.0), "teacher_seqinter": report(19.6),
+            "student": report(14.7, 17.6, ppl=8.2, p=0.009), "student_wordkd": report(15.4),
+            "student_seqkd": report(18.9, 19.0, ppl=22.7, p=0.169, greedy_speed=1051.0)}
+
+
+def test_the_paper_own_numbers_pass_every_claim():
+    recipe = load_recipe()
+    claims = recipe.check_claims(paper_table1())
+    assert [holds for _, holds, _ in claims] == [True] * 6
+    assert claims[0][2] == "+4.20"                      # 18.9 - 14.7
+    assert claims[2][2] == "+0.10 vs +2.90"             # beam gains: 19.0 - 18.9, 17.6 - 14.7
+    assert "(18.8x)" in claims[3][2]                    # 16.9% / 0.9%
+    assert claims[5][2].startswith("10.5x")             # 1051 / 100 words/s
+
+
+def test_a_seqkd_student_below_the_baseline_fails_claims_1_2_3_6():
+    recipe = load_recipe()
+    table = paper_table1()
+    table["student_seqkd"]["bleu_greedy"] = 14.0          # 0.7 below the baseline
+    claims = recipe.check_claims(table)
+    assert [holds for _, holds, _ in claims] == [False, False, False, True, True, False]
+    markdown = recipe.claims_markdown(claims)
+    assert markdown.count("| does not hold |") == 4 and markdown.count("| holds |") == 2
