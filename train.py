@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decay-on-plateau", action=argparse.BooleanOptionalAction,
                    help="halve the learning rate when the validation perplexity rises from one evaluation to the "
                         "next (default: off; on with the paper presets)")
+    g.add_argument("--warmup", type=int, default=0, metavar="STEPS",
+                   help="raise the learning rate linearly from lr/STEPS to lr over the first STEPS steps, as "
+                        "transformers are trained (Vaswani et al. 2017) (default: %(default)s, none)")
     g.add_argument("--lr-decay", type=float, default=0.5, metavar="F",
                    help="factor of each decay (default: %(default)s, i.e. halve)")
     g.add_argument("--weight-decay", type=float, default=0.0, metavar="W",
@@ -326,6 +329,8 @@ def resolve_defaults(args) -> None:
                         ("--relation-heads", args.relation_heads), ("--mean-span-length", args.mean_span_length)]:
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number, got {value}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be 0 (none) or a number of steps, got {args.warmup}")
     if args.sentinels < 0:
         raise UserError(f"--sentinels must be 0 or more, got {args.sentinels}")
     if not 0.0 < args.noise_density < 1.0:
@@ -956,6 +961,12 @@ def train(args) -> dict:
                 if world > 1:  # DDP averages the N gradients: weigh this share by its part of the batch
                     loss = loss * world * share_of_batch(train_examples, mine, idxs, args.normalize)
                 loss.backward()
+                if progress.step < args.warmup:  # linear warm-up: lr * (step + 1) / STEPS, then lr
+                    for group in optimizer.param_groups:
+                        group["lr"] = progress.lr * (progress.step + 1) / args.warmup
+                elif progress.step == args.warmup > 0:
+                    for group in optimizer.param_groups:
+                        group["lr"] = progress.lr
                 if args.clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 optimizer.step()

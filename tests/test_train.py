@@ -251,6 +251,25 @@ def test_init_starts_from_the_weights_with_a_new_optimizer(corpus, straight, tmp
         train.main(flags(corpus, tmp_path / "x", "--init", straight / "best.pt", "--layers", 3))
 
 
+def test_warmup_scales_the_first_steps_linearly(corpus, straight, tmp_path):
+    """--warmup 4 with SGD: step 1 runs at lr/4, so it moves the weights exactly 1/4 as far as a
+    step at the full rate (same start, same batch, same dropout); step 4 on is at the full rate."""
+    start = load_checkpoint(straight / "best.pt")["model"]
+    moved = {}
+    for warmup, steps in [(0, 1), (4, 1), (4, 2), (4, 4)]:
+        save_dir = tmp_path / f"w{warmup}s{steps}"
+        train.main(flags(corpus, save_dir, "--init", straight / "best.pt", "--lr", "0.5", "--warmup", warmup,
+                         "--max-steps", steps))
+        out = load_checkpoint(save_dir / "last.pt")
+        moved[warmup, steps] = torch.cat([(out["model"][k] - start[k]).flatten() for k in start])
+        group_lr = out["optimizer"]["param_groups"][0]["lr"]
+        assert group_lr == pytest.approx({(0, 1): 0.5, (4, 1): 0.125, (4, 2): 0.25, (4, 4): 0.5}[warmup, steps])
+        assert out["lr"] == 0.5   # the base rate, which the decays act on
+    torch.testing.assert_close(moved[4, 1], moved[0, 1] / 4, rtol=1e-4, atol=1e-7)
+    with pytest.raises(SystemExit, match="--warmup must be 0"):
+        train.main(flags(corpus, tmp_path / "bad", "--warmup", -1))
+
+
 # ---- the T5-like model, relation KD, span corruption, --normalize (issue 5) -------------------
 
 T5_FLAGS = ["--arch", "t5", "--preset", "t5-tiny", "--optim", "adam", "--lr", 0.01]
