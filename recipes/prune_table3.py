@@ -127,14 +127,16 @@ def from_table1(args):
         raise data.UserError(f"--table1 {run_dir}: no files.json; is this the run folder of recipes/kim_rush.py? "
                              "(rerun that recipe's command: it writes files.json and redoes nothing)")
     files = json.loads(files_json.read_text())
-    name, scores = best_student(run_dir)
-    print("--table1: validation BLEU of the students: " +
-          ", ".join(f"{k} {v:.2f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1])) + f"; pruning {name}")
-    found = {"student": run_dir / name / "best.pt", "teacher": run_dir / "teacher" / "best.pt",
+    found = {"teacher": run_dir / "teacher" / "best.pt",
              "kd_src": files["train"][0], "kd_tgt": run_dir / "distill" / f"train.seqkd.{files['tgt']}",
              "inter_tgt": run_dir / "distill" / f"train.seqinter.{files['tgt']}",
              "valid_src": files["valid"][0], "valid_tgt": files["valid"][1],
              "test_src": files["test"][0], "test_tgt": files["test"][1]}
+    if args.student is None:
+        name, scores = best_student(run_dir)
+        print("--table1: validation BLEU of the students: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1])) + f"; pruning {name}")
+        found["student"] = run_dir / name / "best.pt"
     for key, path in found.items():
         if getattr(args, key) is None:
             if not Path(path).exists():

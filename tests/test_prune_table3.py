@@ -76,3 +76,10 @@ def test_table1_without_a_finished_student_is_a_one_line_error(tmp_path, capsys)
         recipe.parse_args(["--table1", str(run)])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no finished student" in err
+
+
+def test_a_student_named_with_student_needs_no_finished_student_folder(tmp_path):
+    recipe = load_recipe()
+    run = fake_table1_run(tmp_path, {"teacher": 40.0})
+    args = recipe.parse_args(["--table1", str(run), "--student", "mine.pt"])
+    assert args.student == "mine.pt" and args.teacher == str(run / "teacher" / "best.pt")
