@@ -1,21 +1,10 @@
 """recipes/prune_table3.py --table1: the inputs of Table 3 read from a Table 1 run folder. The
 folder here is hand-made (done.json files with chosen validation BLEU); no model is trained."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, ROOT)
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("prune_table3", os.path.join(ROOT, "recipes", "prune_table3.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import prune_table3  # recipes/ is on sys.path (tests/conftest.py)
 
 
 def fake_table1_run(tmp_path, valid_bleu):
@@ -40,7 +29,7 @@ def fake_table1_run(tmp_path, valid_bleu):
 
 
 def test_best_student_is_chosen_by_validation_bleu_and_never_the_teacher(tmp_path):
-    recipe = load_recipe()
+    recipe = prune_table3
     run = fake_table1_run(tmp_path, {"teacher": 40.0, "teacher_seqinter": 41.0, "student": 30.0,
                                      "student_seqkd": 32.5, "student_seqkd_seqinter": 32.4})
     name, scores = recipe.best_student(run)
@@ -49,7 +38,7 @@ def test_best_student_is_chosen_by_validation_bleu_and_never_the_teacher(tmp_pat
 
 
 def test_table1_fills_every_input_and_a_given_flag_wins(tmp_path):
-    recipe = load_recipe()
+    recipe = prune_table3
     run = fake_table1_run(tmp_path, {"teacher": 40.0, "student": 30.0, "student_seqkd_seqinter": 31.0})
     args = recipe.parse_args(["--table1", str(run), "--test-src", "other.en"])
     assert args.student == str(run / "student_seqkd_seqinter" / "best.pt")
@@ -62,7 +51,7 @@ def test_table1_fills_every_input_and_a_given_flag_wins(tmp_path):
 
 
 def test_table1_without_files_json_is_a_one_line_error(tmp_path, capsys):
-    recipe = load_recipe()
+    recipe = prune_table3
     with pytest.raises(SystemExit):
         recipe.parse_args(["--table1", str(tmp_path)])
     err = capsys.readouterr().err.strip()
@@ -70,7 +59,7 @@ def test_table1_without_files_json_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_table1_without_a_finished_student_is_a_one_line_error(tmp_path, capsys):
-    recipe = load_recipe()
+    recipe = prune_table3
     run = fake_table1_run(tmp_path, {"teacher": 40.0})
     with pytest.raises(SystemExit):
         recipe.parse_args(["--table1", str(run)])
@@ -79,7 +68,7 @@ def test_table1_without_a_finished_student_is_a_one_line_error(tmp_path, capsys)
 
 
 def test_a_student_named_with_student_needs_no_finished_student_folder(tmp_path):
-    recipe = load_recipe()
+    recipe = prune_table3
     run = fake_table1_run(tmp_path, {"teacher": 40.0})
     args = recipe.parse_args(["--table1", str(run), "--student", "mine.pt"])
     assert args.student == "mine.pt" and args.teacher == str(run / "teacher" / "best.pt")

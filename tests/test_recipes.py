@@ -1,24 +1,13 @@
 """Smoke test of recipes/kim_rush.py: every step of the Kim & Rush Table 1 recipe runs on a tiny
 built-in corpus (--smoke), writes its files, and a rerun redoes nothing. ~10 s on one CPU thread."""
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, ROOT)
-import beam  # noqa: E402
-import train  # noqa: E402
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("kim_rush", os.path.join(ROOT, "recipes", "kim_rush.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import beam
+import train
+import kim_rush  # recipes/ is on sys.path (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,7 +21,7 @@ def restore_threads():
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, restore_threads):
     run_dir = tmp_path_factory.mktemp("kim_rush_smoke")
-    recipe = load_recipe()
+    recipe = kim_rush
     result = recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])
     return recipe, run_dir, result
 
@@ -105,14 +94,14 @@ def test_rerun_redoes_nothing_but_what_is_missing(smoke_run, monkeypatch):
 
 
 def test_missing_corpus_folder_is_a_one_line_error(tmp_path, capsys):
-    recipe = load_recipe()
+    recipe = kim_rush
     with pytest.raises(SystemExit) as e:
         recipe.main(["--corpus", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run")])
     assert str(e.value).startswith("error: --corpus") and "no such folder" in str(e.value)
 
 
 def test_missing_split_names_the_splits_found(tmp_path):
-    recipe = load_recipe()
+    recipe = kim_rush
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name in ("train.en", "train.de", "val.en", "val.de", "test_2016_flickr.en", "test_2016_flickr.de"):
@@ -141,7 +130,7 @@ def paper_table1():
 
 
 def test_the_paper_own_numbers_pass_every_claim():
-    recipe = load_recipe()
+    recipe = kim_rush
     claims = recipe.check_claims(paper_table1())
     assert [holds for _, holds, _ in claims] == [True] * 6
     assert claims[0][2] == "+4.20"                      # 18.9 - 14.7
@@ -151,7 +140,7 @@ def test_the_paper_own_numbers_pass_every_claim():
 
 
 def test_a_seqkd_student_below_the_baseline_fails_claims_1_2_3_6():
-    recipe = load_recipe()
+    recipe = kim_rush
     table = paper_table1()
     table["student_seqkd"]["bleu_greedy"] = 14.0          # 0.7 below the baseline
     claims = recipe.check_claims(table)

@@ -1,33 +1,23 @@
 """Smoke test of recipes/t5_distill.py: every step of the T5 distillation recipe runs on a tiny
 built-in corpus (--smoke), each model starts from the checkpoint its row says, the table has every
 row, and a rerun redoes nothing. ~10 s on one CPU thread."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, ROOT)
-import beam  # noqa: E402
-import train  # noqa: E402
-from model import load_checkpoint  # noqa: E402
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("t5_distill", os.path.join(ROOT, "recipes", "t5_distill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import beam
+import train
+from model import load_checkpoint
+import t5_distill  # recipes/ is on sys.path (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     threads = torch.get_num_threads()  # the recipe's --threads 1 sets it for the process
     run_dir = tmp_path_factory.mktemp("t5_distill_smoke")
-    recipe = load_recipe()
+    recipe = t5_distill
     result = recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])
     yield recipe, run_dir, result
     torch.set_num_threads(threads)
