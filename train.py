@@ -961,12 +961,9 @@ def train(args) -> dict:
                 if world > 1:  # DDP averages the N gradients: weigh this share by its part of the batch
                     loss = loss * world * share_of_batch(train_examples, mine, idxs, args.normalize)
                 loss.backward()
-                if progress.step < args.warmup:  # linear warm-up: lr * (step + 1) / STEPS, then lr
+                if args.warmup:  # linear warm-up (Vaswani et al. 2017): lr * min(1, (step + 1) / STEPS)
                     for group in optimizer.param_groups:
-                        group["lr"] = progress.lr * (progress.step + 1) / args.warmup
-                elif progress.step == args.warmup > 0:
-                    for group in optimizer.param_groups:
-                        group["lr"] = progress.lr
+                        group["lr"] = progress.lr * min(1.0, (progress.step + 1) / args.warmup)
                 if args.clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
                 optimizer.step()
