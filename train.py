@@ -113,9 +113,17 @@ TRAIN_PRESETS = {
     "builtin": dict(optim="adam", lr=0.005, batch_size=32, epochs=3),
     "t5-builtin": dict(optim="adam", lr=5e-4, batch_size=32, epochs=6),
 }
+# --optim. Adafactor is T5's optimizer (Raffel et al. 2020; Shazeer & Stern 2018): no momentum, a
+# factored second moment, and a step relative to the size of each weight matrix,
+# RMS(W) * min(lr, 1/sqrt(step)). With T5's initialisation (embeddings of standard deviation 1,
+# query weights ~100x smaller) that matters: Adam moves every weight by about lr per step,
+# whatever its scale, so the embeddings hardly move while the queries change fast.
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adafactor": torch.optim.Adafactor}
 # The defaults of the flags a training preset may set, for every flag neither given nor preset.
-TRAIN_DEFAULTS = dict(optim="sgd", batch_size=64, max_len=50, clip=5.0, normalize="tokens",
+# --optim itself defaults by architecture: SGD for the LSTM (Luong et al.), Adafactor for T5.
+TRAIN_DEFAULTS = dict(batch_size=64, max_len=50, clip=5.0, normalize="tokens",
                       tokenizer="word", decay_on_plateau=False)
+DEFAULT_OPTIM = {"lstm": "sgd", "t5": "adafactor"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dec-layers", type=int, metavar="N", help="t5: decoder layers (default: --layers)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--optim", choices=["sgd", "adam"],
-                   help="plain SGD as Luong et al. and Kim & Rush, or Adam (default: sgd; adam on the built-in "
-                        "corpus)")
-    g.add_argument("--lr", type=float, help="learning rate (default: 1.0 for sgd, 0.001 for adam)")
+    g.add_argument("--optim", choices=sorted(OPTIMIZERS),
+                   help="plain SGD as Luong et al. and Kim & Rush, Adam, or Adafactor as T5 (Shazeer & Stern "
+                        "2018: steps relative to each weight's size, --lr is the largest relative step) "
+                        "(default: sgd for lstm, adafactor for t5; adam on the built-in corpus)")
+    g.add_argument("--lr", type=float,
+                   help="learning rate (default: 1.0 for sgd, 0.001 for adam, 0.01 for adafactor as T5)")
     g.add_argument("--decay-after", type=int, metavar="N",
                    help="halve the learning rate at the end of every epoch after epoch N (Luong et al.; "
                         "with sgd or adam)")
@@ -309,13 +319,15 @@ def resolve_defaults(args) -> None:
         schedule = TRAIN_PRESETS.get(args.preset, {}) if args.builtin else {}
     if args.optim is not None and args.optim != schedule.get("optim", args.optim):
         schedule = {flag: value for flag, value in schedule.items() if flag != "lr"}  # its lr is for its optimizer
-    for flag, value in {**TRAIN_DEFAULTS, **schedule}.items():    # flags given > the schedule > defaults
+    arch = args.arch or load_checkpoint(args.init)["arch"]       # with --init: the checkpoint's
+    for flag, value in {**TRAIN_DEFAULTS, "optim": DEFAULT_OPTIM[arch], **schedule}.items():
+        # flags given > the schedule > defaults
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     if args.sentinels is None:
         args.sentinels = DEFAULT_SENTINELS if args.arch == "t5" or args.span_corruption else 0
     if args.lr is None:
-        args.lr = 1.0 if args.optim == "sgd" else 1e-3
+        args.lr = {"sgd": 1.0, "adam": 1e-3, "adafactor": 1e-2}[args.optim]
     if args.epochs is None and args.max_steps is None:
         args.epochs = DEFAULT_EPOCHS
     default_size = 50000 if args.tokenizer == "word" else 8000
@@ -831,8 +843,7 @@ def train(args) -> dict:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     # ---- optimizer and progress ----
-    Optimizer = torch.optim.SGD if args.optim == "sgd" else torch.optim.Adam
-    optimizer = Optimizer(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = OPTIMIZERS[args.optim](model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     progress = Progress(lr=args.lr)
     if resume:
         if resume["args"]["optim"] != args.optim:

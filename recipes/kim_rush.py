@@ -152,11 +152,16 @@ def train_step(title, save_dir, flags):
     """train.main(flags + --save-dir) unless save_dir/done.json says it finished; a run that was
     stopped half-way (last.pt, no done.json) continues with --resume. Returns save_dir/best.pt."""
     save_dir = Path(save_dir)
-    done = save_dir / "done.json"
+    done, running = save_dir / "done.json", save_dir / "running"
+    while running.exists() and not done.exists() and process_alive(int(running.read_text())):
+        print(f"{title}: process {running.read_text()} is running it; waiting", flush=True)
+        time.sleep(60)
     if done.exists():
         print(f"{title}: done already ({done})")
         return str(save_dir / "best.pt")
     announce(title)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    running.write_text(str(os.getpid()))      # another process of the recipe waits for this step
     argv = flags + ["--save-dir", str(save_dir)]
     if (save_dir / "last.pt").exists():
         argv.append("--resume")
@@ -166,8 +171,20 @@ def train_step(title, save_dir, flags):
     if metrics.get("interrupted"):
         sys.exit("interrupted: run the same command again to continue")
     done.write_text(json.dumps(metrics, indent=1) + "\n")
+    running.unlink()
     print(f"({title.split(':')[0]} took {time.time() - t0:.0f} s)")
     return str(save_dir / "best.pt")
+
+
+def process_alive(pid):
+    """Is process `pid` still running (on this machine)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def beam_step(title, out, flags):
@@ -331,8 +348,9 @@ def claims_markdown(claims):
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None, description="Kim & Rush (2016) Table 1 in one command: teacher, students, "
-               "Word-KD, Seq-KD, Seq-Inter, and the table.", recipe="kim_rush"):
-    """The flags every table recipe shares (recipes/t5_distill.py calls this too)."""
+               "Word-KD, Seq-KD, Seq-Inter, and the table.", recipe="kim_rush", extra_flags=None):
+    """The flags every table recipe shares (recipes/t5_distill.py calls this too, with its
+    extra_flags: [(flag, add_argument keyword arguments)])."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--corpus", help="folder with {train,val,test}.{SRC,TGT} files, e.g. ../shared/data/multi30k")
     p.add_argument("--src", default="en", help="source language suffix (default: en)")
@@ -345,6 +363,8 @@ def parse_args(argv=None, description="Kim & Rush (2016) Table 1 in one command:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=1, help="seed of every training (default: 1)")
+    for flag, kwargs in extra_flags or []:
+        p.add_argument(flag, **kwargs)
     args = p.parse_args(argv)
     if sum([bool(args.corpus), args.builtin, args.smoke]) != 1:
         p.error("give exactly one of --corpus FOLDER, --builtin, --smoke")

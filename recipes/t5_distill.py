@@ -15,21 +15,26 @@ skipped when its output exists, so the same command continues after an interrupt
            both languages, read as unlabelled sentences (no pairs)        -> teacher_pretrain/
   step 2   teacher: fine-tune it on translation (--init)                    -> teacher/
   step 3   Seq-KD data: the teacher's beam search on the training source    -> distill/train.seqkd.TGT
-  step 4   student baseline: ~1/4 of the teacher, from scratch, NLL on the references
-  step 5   control: the student pre-trained on span corruption WITHOUT a teacher, then the
-           references: what pre-training alone gives the MiniLM / MiniEnD rows
-  step 6   logit KD: Word-KD from the teacher on the references (Kim & Rush 2016, section 3.1)
-  step 7   MiniLM, MiniEnD-D, MiniEnD-E, task-agnostic as in MiniEnD (Zhang et al. 2024): the
-           student is distilled from the PRE-TRAINED teacher (step 1) on the span-corruption data
-           with the attention-relation losses (train.py --kd relation), then fine-tuned on the
-           references (--init), with the baseline's epochs and learning rate
-  step 8   Seq-KD: NLL on the teacher's translations, from scratch
-  step 9   the staged orders (QuillBot's finding: Seq-KD data first, then gold, beats the
+  step 4   logit KD: Word-KD from the teacher on the references (Kim & Rush 2016, section 3.1)
+  step 5   Seq-KD: NLL on the teacher's translations, from scratch
+  step 6   student baseline: ~1/4 of the teacher, from scratch, NLL on the references
+  step 7   the staged orders (QuillBot's finding: Seq-KD data first, then gold, beats the
            reverse), each one --init away from a row above:
              Seq-KD, then gold:   --init the Seq-KD student, fine-tune on the references
              gold, then Seq-KD:   --init the baseline student, fine-tune on the Seq-KD data
+  step 8   control: the student pre-trained on span corruption WITHOUT a teacher, then the
+           references: what pre-training alone gives the MiniLM / MiniEnD rows
+  step 9   MiniLM, MiniEnD-D, MiniEnD-E, task-agnostic as in MiniEnD (Zhang et al. 2024): the
+           student is distilled from the PRE-TRAINED teacher (step 1) on the span-corruption data
+           with the attention-relation losses (train.py --kd relation), then fine-tuned on the
+           references (--init), with the baseline's epochs and learning rate
   step 10  the test-set report of every model (beam.py --report) and the table:
            RUN_DIR/table.md and RUN_DIR/table.json
+
+Two cores: steps 6, 8 and 9 need only step 1 (the students take the pre-trained teacher's
+vocabulary), so a second process can train them while the first trains the teacher. Once step 1
+is done, start the same command with --students-only --threads 1 beside the full one (also
+--threads 1). A step that the other process is running is waited for, never run twice.
 
 All students take the teacher's vocabulary: one joint vocabulary (T5 shares its embedding between
 source and target) with 100 sentinel tokens for span corruption, built in step 1. Every
@@ -56,8 +61,9 @@ SETTINGS = {
     # A real corpus (e.g. Multi30k, 29k pairs). Timed before any score was read: the teacher
     # trains at ~1,500 target tokens/s on one CPU thread (about 5 min an epoch of Multi30k), so
     # the first guess of 2 + 8 teacher and 8 student epochs (~2.5 h) was cut to the epochs below.
-    # Measured since (BENCHMARKS.md): that is far too short, the teacher was at 4.9 validation
-    # BLEU after 3 epochs; give this setting many more epochs, on a GPU.
+    # The optimizer is T5's, Adafactor at its pre-training rate 1e-2 (1e-3 to fine-tune): with Adam
+    # at 5e-4 the teacher was at validation ppl 65.5 after 600 steps, with Adafactor at 19.3
+    # (BENCHMARKS.md; these runs were on validation only, before any table row).
     "corpus": dict(
         tokenizer=["--tokenizer", "spm", "--src-vocab-size", "8000"],
         # 3 + 3 layers, width 256 (~7.6M parameters with the 8k embedding)
@@ -66,9 +72,9 @@ SETTINGS = {
         # 2 + 2 layers, width 128 (~1.9M)
         student=["--arch", "t5", "--layers", "2", "--d-model", "128", "--heads", "4", "--d-kv", "32",
                  "--d-ff", "512", "--dropout", "0.1"],
-        optim=["--optim", "adam", "--batch-size", "64"],
-        lr=5e-4,               # Adam, no warm-up (2e-3 with --warmup 300 was worse at step 600)
-        finetune_lr=1e-4,      # the second stage of a staged order
+        optim=["--optim", "adafactor", "--batch-size", "64"],
+        lr=1e-2,               # T5's pre-training rate; Adafactor's steps are relative to each weight's size
+        finetune_lr=1e-3,      # T5's fine-tuning rate: the second stage of a staged order
         pretrain_epochs=1,     # span corruption over both sides of the training text
         teacher_epochs=5,
         student_epochs=5,
@@ -145,8 +151,12 @@ ROWS = [
 # ---------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
+    students_only = ("--students-only", dict(
+        action="store_true", help="only steps 6, 8 and 9 (no fine-tuned teacher needed): a second process "
+                                  "beside the full command, once its step 1 is done"))
     return kim_rush.parse_args(argv, description="Distil a T5-like translator: logit KD, MiniLM, "
-                               "MiniEnD-D/E, Seq-KD and both staged orders, and the table.", recipe="t5_distill")
+                               "MiniEnD-D/E, Seq-KD and both staged orders, and the table.", recipe="t5_distill",
+                               extra_flags=[students_only])
 
 
 def run(args):
@@ -170,50 +180,60 @@ def run(args):
     span_corruption = ["--span-corruption", "--mono", str(mono), "--valid-src", valid_src, *common,
                        "--best-metric", "ppl", "--epochs", str(S["pretrain_epochs"]), "--lr", str(S["lr"])]
 
-    # ---- steps 1-2: the teacher, pre-trained on span corruption, then fine-tuned on translation -
+    # ---- step 1: the teacher pre-trained on span corruption ------------------------------------
+    if args.students_only and not (run_dir / "teacher_pretrain" / "done.json").exists():
+        raise UserError(f"--students-only: step 1 is not done in {run_dir}; start the full command first, "
+                        "and this one when it has printed 'step 2'")
     pretrained_teacher = train_step("step 1: teacher pre-training (T5 span corruption of the training text)",
                                     run_dir / "teacher_pretrain", span_corruption + S["tokenizer"] + S["teacher"])
-    teacher = train_step("step 2: teacher (fine-tuned on the references)", run_dir / "teacher",
-                         translation(train_ref, S["teacher_epochs"], S["lr"]) + ["--init", pretrained_teacher])
-
-    # ---- step 3: Seq-KD data -------------------------------------------------------------------
-    seqkd_tgt = str(distill / f"train.seqkd.{tgt}")
-    beam_step(f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the training source",
-              seqkd_tgt, ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
-                          "--device", args.device])
-
-    # ---- steps 4-6: students trained on the references -----------------------------------------
-    student = S["student"] + ["--vocab-from", teacher]     # the joint vocabulary with sentinels
+    student = S["student"] + ["--vocab-from", pretrained_teacher]  # the joint vocabulary with sentinels
     gold = translation(train_ref, S["student_epochs"], S["lr"])
-    baseline = train_step("step 4: student baseline (from scratch, NLL on the references)",
-                          run_dir / "student", gold + student)
-    pretrained = train_step("step 5a: control: student pre-trained on span corruption, no teacher",
-                            run_dir / "student_pretrain", span_corruption + student)
-    train_step("step 5b: control: ... then fine-tuned on the references", run_dir / "student_pretrain_gold",
-               gold + ["--init", pretrained])
-    train_step("step 6: logit KD (Word-KD from the teacher on the references)", run_dir / "student_wordkd",
-               gold + student + ["--teacher", teacher, "--kd", "word", "--kd-alpha", str(S["kd_alpha"])])
+    if not args.students_only:
+        # ---- steps 2-3: the teacher fine-tuned on translation, and its Seq-KD data ----------------
+        teacher = train_step("step 2: teacher (fine-tuned on the references)", run_dir / "teacher",
+                             translation(train_ref, S["teacher_epochs"], S["lr"]) + ["--init", pretrained_teacher])
+        seqkd_tgt = str(distill / f"train.seqkd.{tgt}")
+        beam_step(f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the training source",
+                  seqkd_tgt, ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
+                              "--device", args.device])
 
-    # ---- step 7: task-agnostic relation distillation, then fine-tuning -------------------------
+        # ---- steps 4-5: logit KD and Seq-KD ------------------------------------------------------
+        train_step("step 4: logit KD (Word-KD from the teacher on the references)", run_dir / "student_wordkd",
+                   gold + student + ["--teacher", teacher, "--kd", "word", "--kd-alpha", str(S["kd_alpha"])])
+        seqkd = train_step("step 5: Seq-KD (from scratch, NLL on the teacher's translations)",
+                           run_dir / "student_seqkd",
+                           translation(seqkd_tgt, S["student_epochs"], S["lr"]) + student)
+
+    # ---- step 6: the student baseline ----------------------------------------------------------
+    baseline = train_step("step 6: student baseline (from scratch, NLL on the references)",
+                          run_dir / "student", gold + student)
+
+    if not args.students_only:
+        # ---- step 7: the two staged orders -------------------------------------------------------
+        train_step("step 7a: Seq-KD, then gold (fine-tune the Seq-KD student on the references)",
+                   run_dir / "student_seqkd_gold",
+                   translation(train_ref, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd])
+        train_step("step 7b: gold, then Seq-KD (fine-tune the baseline student on the Seq-KD data)",
+                   run_dir / "student_gold_seqkd",
+                   translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", baseline])
+
+    # ---- step 8: control: span-corruption pre-training without a teacher, then gold -------------
+    pretrained = train_step("step 8a: control: student pre-trained on span corruption, no teacher",
+                            run_dir / "student_pretrain", span_corruption + student)
+    train_step("step 8b: control: ... then fine-tuned on the references", run_dir / "student_pretrain_gold",
+               gold + ["--init", pretrained])
+
+    # ---- step 9: task-agnostic relation distillation, then fine-tuning -------------------------
     for name, terms, prefix in RELATION_ROWS:
-        distilled = train_step(f"step 7a: {name.split(',')[0]}: relation KD from the pre-trained teacher on "
+        distilled = train_step(f"step 9a: {name.split(',')[0]}: relation KD from the pre-trained teacher on "
                                "span corruption", run_dir / prefix,
                                span_corruption + student + ["--teacher", pretrained_teacher, "--kd", "relation",
                                                             "--relation-terms", terms,
                                                             "--relation-heads", str(S["relation_heads"])])
-        train_step(f"step 7b: {name.split(',')[0]}: fine-tuned on the references", run_dir / f"{prefix}_gold",
+        train_step(f"step 9b: {name.split(',')[0]}: fine-tuned on the references", run_dir / f"{prefix}_gold",
                    gold + ["--init", distilled])
-
-    # ---- steps 8-9: Seq-KD, and the two staged orders --------------------------------------------
-    seqkd = train_step("step 8: Seq-KD (from scratch, NLL on the teacher's translations)",
-                       run_dir / "student_seqkd",
-                       translation(seqkd_tgt, S["student_epochs"], S["lr"]) + student)
-    train_step("step 9a: Seq-KD, then gold (fine-tune the Seq-KD student on the references)",
-               run_dir / "student_seqkd_gold",
-               translation(train_ref, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd])
-    train_step("step 9b: gold, then Seq-KD (fine-tune the baseline student on the Seq-KD data)",
-               run_dir / "student_gold_seqkd",
-               translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", baseline])
+    if args.students_only:
+        return None
 
     # ---- step 10: reports and the table ----------------------------------------------------------
     return kim_rush.report_and_table("step 10", "Distilling a T5-like translator", "table", run_dir, ROWS, S,

@@ -1,6 +1,9 @@
 """Smoke test of recipes/kim_rush.py: every step of the Kim & Rush Table 1 recipe runs on a tiny
 built-in corpus (--smoke), writes its files, and a rerun redoes nothing. ~10 s on one CPU thread."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -91,6 +94,32 @@ def test_rerun_redoes_nothing_but_what_is_missing(smoke_run, monkeypatch):
     recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])
     assert len(calls) == 1 and str(run_dir / "student_seqkd" / "best.pt") in calls[0]
     assert (run_dir / "table1.md").exists()
+
+
+def test_a_step_another_live_process_runs_is_waited_for_not_run_twice(tmp_path, monkeypatch):
+    """Two processes of a recipe (t5_distill.py --students-only beside the full command) never
+    train one folder together: a live process's `running` marker makes the other wait for its
+    done.json; a dead process's marker is ignored and the step resumes from its last.pt."""
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or {})
+    step = tmp_path / "step"
+    step.mkdir()
+    (step / "running").write_text(str(os.getpid()))       # this test's process: alive
+
+    def sleep(seconds):                  # the other process finishes while we wait
+        (step / "done.json").write_text("{}")
+
+    monkeypatch.setattr(kim_rush.time, "sleep", sleep)
+    assert kim_rush.train_step("step", step, ["--x"]) == str(step / "best.pt")
+    assert calls == []                                               # waited, did not train
+
+    (step / "done.json").unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (step / "running").write_text(dead.stdout.strip())               # a process that has ended
+    (step / "last.pt").write_text("")
+    kim_rush.train_step("step", step, ["--x"])
+    assert calls == [["--x", "--save-dir", str(step), "--resume"]]
+    assert (step / "done.json").exists() and not (step / "running").exists()
 
 
 def test_missing_corpus_folder_is_a_one_line_error(tmp_path, capsys):

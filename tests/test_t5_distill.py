@@ -78,3 +78,21 @@ def test_rerun_redoes_nothing(smoke_run, monkeypatch):
     monkeypatch.setattr(train, "main", nothing)
     monkeypatch.setattr(beam, "main", nothing)
     assert recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])["rows"]
+
+
+def test_students_only_runs_the_steps_that_need_no_fine_tuned_teacher(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="--students-only: step 1 is not done"):
+        t5_distill.main(["--smoke", "--run-dir", str(tmp_path), "--students-only"])
+    trained = []
+
+    def fake_train(argv):
+        save_dir = argv[argv.index("--save-dir") + 1]
+        trained.append(os.path.basename(save_dir))
+        return {}
+
+    monkeypatch.setattr(train, "main", fake_train)
+    (tmp_path / "teacher_pretrain").mkdir()
+    (tmp_path / "teacher_pretrain" / "done.json").write_text("{}")
+    assert t5_distill.main(["--smoke", "--run-dir", str(tmp_path), "--students-only"]) is None
+    assert trained == ["student", "student_pretrain", "student_pretrain_gold",
+                       *[folder for _, _, prefix in t5_distill.RELATION_ROWS for folder in (prefix, prefix + "_gold")]]

@@ -282,6 +282,40 @@ def t5_teacher(corpus, tmp_path_factory):
     return save_dir
 
 
+def test_optimizer_defaults_by_architecture(corpus, t5_teacher):
+    """--optim: SGD lr 1.0 for the LSTM, Adafactor lr 1e-2 for T5, also when --init names a T5."""
+    parser = train.build_parser()
+    for extra, optim, lr in [([], "sgd", 1.0), (["--arch", "t5"], "adafactor", 0.01),
+                             (["--init", str(t5_teacher / "best.pt")], "adafactor", 0.01),
+                             (["--arch", "t5", "--optim", "adam"], "adam", 1e-3)]:
+        args = parser.parse_args([x for kv in corpus.items() for x in kv] + extra)
+        train.resolve_defaults(args)
+        assert (args.optim, args.lr) == (optim, lr), extra
+
+
+def test_adafactor_first_step_is_lr_times_the_weight_rms(corpus, t5_teacher, tmp_path):
+    """Adafactor (T5's optimizer) steps relative to a weight's size. On the first step its second
+    moment is g^2 itself, so a vector weight (not factored) moves by lr * RMS(w) * sign(g) per
+    element: each RMS norm scale (near 1) moves by exactly 0.01 * its RMS, whatever its gradient."""
+    start = load_checkpoint(t5_teacher / "best.pt")["model"]
+    train.main(flags(corpus, tmp_path, "--init", t5_teacher / "best.pt", "--optim", "adafactor", "--lr", 0.01,
+                     "--clip", 0, "--dropout", 0, "--max-steps", 1))
+    after = load_checkpoint(tmp_path / "last.pt")["model"]
+    scales = [k for k in start if "norm" in k]
+    assert len(scales) >= 4 and all(start[k].dim() == 1 for k in scales)
+    for k in scales:
+        rms = start[k].pow(2).mean().sqrt()
+        moved = (after[k] - start[k]).abs()
+        moved = moved[moved > 0]                    # (a weight whose gradient is exactly 0 stays)
+        assert len(moved) > 0.9 * start[k].numel(), k
+        torch.testing.assert_close(moved, torch.full_like(moved, 0.01 * rms.item()), rtol=1e-3, atol=1e-6)
+    # a matrix (factored second moment) moves by at most lr * RMS(W) (update clipping, d = 1):
+    # the small query weights move about 100x less than the embedding. Adam would move both by ~lr.
+    for k in start:
+        if start[k].dim() == 2:
+            assert (after[k] - start[k]).pow(2).mean().sqrt() <= 0.01 * start[k].pow(2).mean().sqrt() * 1.001, k
+
+
 def test_t5_trains_with_a_joint_vocabulary_and_the_loss_falls(t5_teacher):
     records = log(t5_teacher)
     assert [r["step"] for r in records] == [5, 10, 15, 20]
@@ -380,7 +414,7 @@ def test_normalize_sents_is_tokens_times_ntokens_over_sentences(corpus, straight
     for how in ["tokens", "sents"]:
         run = tmp_path / how
         train.main(flags(corpus, run, "--init", t5_teacher / "best.pt", "--normalize", how, "--clip", 0,
-                         "--lr", 0.1, "--max-steps", 1, "--eval-every", 1))
+                         "--optim", "sgd", "--lr", 0.1, "--max-steps", 1, "--eval-every", 1))
         after = load_checkpoint(run / "last.pt")["model"]
         start = load_checkpoint(t5_teacher / "best.pt")["model"]
         runs[how] = torch.cat([(after[k] - start[k]).flatten() for k in start])
