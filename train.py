@@ -8,7 +8,8 @@
     python train.py --resume --save-dir runs/NAME               # continue a stopped run exactly
     python train.py ... --preset kim-rush-teacher               # the paper's size AND schedule (TRAIN_PRESETS)
     torchrun --nproc_per_node 4 train.py ...                    # 4 GPUs (or processes), DistributedDataParallel
-    python train.py --arch t5                                   # the T5-like transformer (model.py 2b)
+    python train.py --arch t5                                   # the T5-like transformer (model.py 2b);
+                                                                # on your corpus: Adafactor, as T5
     python train.py --arch t5 --preset t5-student-small --teacher t5.pt --kd relation \
                     --relation-terms miniend-d                  # MiniEnD-D: attention relations + logit KD
     python train.py ... --span-corruption --mono text.txt       # T5 span corruption on unlabelled text

@@ -153,8 +153,8 @@ def train_step(title, save_dir, flags):
     stopped half-way (last.pt, no done.json) continues with --resume. Returns save_dir/best.pt."""
     save_dir = Path(save_dir)
     done, running = save_dir / "done.json", save_dir / "running"
-    while running.exists() and not done.exists() and process_alive(int(running.read_text())):
-        print(f"{title}: process {running.read_text()} is running it; waiting", flush=True)
+    while not done.exists() and (pid := other_process(running)):
+        print(f"{title}: process {pid} is running it; waiting", flush=True)
         time.sleep(60)
     if done.exists():
         print(f"{title}: done already ({done})")
@@ -176,15 +176,16 @@ def train_step(title, save_dir, flags):
     return str(save_dir / "best.pt")
 
 
-def process_alive(pid):
-    """Is process `pid` still running (on this machine)?"""
+def other_process(running):
+    """The id of another live process named in the file `running`, else None."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        pid = int(running.read_text())
+        os.kill(pid, 0)                  # signal 0: no signal, only "does it exist?"
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:              # it exists, under another user
+        pass
+    return pid if pid != os.getpid() else None
 
 
 def beam_step(title, out, flags):

@@ -104,7 +104,7 @@ def test_a_step_another_live_process_runs_is_waited_for_not_run_twice(tmp_path, 
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or {})
     step = tmp_path / "step"
     step.mkdir()
-    (step / "running").write_text(str(os.getpid()))       # this test's process: alive
+    (step / "running").write_text(str(os.getppid()))      # the process that started pytest
 
     def sleep(seconds):                  # the other process finishes while we wait
         (step / "done.json").write_text("{}")
