@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate (default: 1.0 for sgd, 0.001 for adam, 0.01 for adafactor as T5)")
     g.add_argument("--decay-after", type=int, metavar="N",
                    help="halve the learning rate at the end of every epoch after epoch N (Luong et al.; "
-                        "with sgd or adam)")
+                        "with any --optim)")
     g.add_argument("--decay-on-plateau", action=argparse.BooleanOptionalAction,
                    help="halve the learning rate when the validation perplexity rises from one evaluation to the "
                         "next (default: off; on with the paper presets)")
