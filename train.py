@@ -117,9 +117,11 @@ TRAIN_PRESETS = {
 # --optim. Adafactor is T5's optimizer (Raffel et al. 2020; Shazeer & Stern 2018): no momentum, a
 # factored second moment, and a step relative to the size of each weight matrix,
 # RMS(W) * min(lr, 1/sqrt(step)). With T5's initialisation (embeddings of standard deviation 1,
-# query weights ~100x smaller) that matters: Adam moves every weight by about lr per step,
-# whatever its scale, so the embeddings hardly move while the queries change fast.
+# query weights of (d_model * d_kv)^-0.5, 0.008 at width 256 with heads of 64) that matters: Adam
+# moves every weight by about lr per step, whatever its scale, so the embeddings hardly move while
+# the queries change fast.
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adafactor": torch.optim.Adafactor}
+DEFAULT_LR = {"sgd": 1.0, "adam": 1e-3, "adafactor": 1e-2}   # Luong et al.; Adam's own; T5's
 # The defaults of the flags a training preset may set, for every flag neither given nor preset.
 # --optim itself defaults by architecture: SGD for the LSTM (Luong et al.), Adafactor for T5.
 TRAIN_DEFAULTS = dict(batch_size=64, max_len=50, clip=5.0, normalize="tokens",
@@ -328,7 +330,7 @@ def resolve_defaults(args) -> None:
     if args.sentinels is None:
         args.sentinels = DEFAULT_SENTINELS if args.arch == "t5" or args.span_corruption else 0
     if args.lr is None:
-        args.lr = {"sgd": 1.0, "adam": 1e-3, "adafactor": 1e-2}[args.optim]
+        args.lr = DEFAULT_LR[args.optim]
     if args.epochs is None and args.max_steps is None:
         args.epochs = DEFAULT_EPOCHS
     default_size = 50000 if args.tokenizer == "word" else 8000
