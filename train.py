@@ -1068,5 +1068,14 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    if main().get("interrupted"):
-        sys.exit(130)
+    code = 130 if main().get("interrupted") else 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, leave at once, skipping Python's shutdown: everything is saved and every
+        # process has passed the last barrier. DistributedDataParallel keeps gloo's threads alive
+        # after destroy_process_group (torch 2.13), and a process whose interpreter shuts down
+        # beside them can abort ("terminate called without an active exception"), which torchrun
+        # reports as a failed run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
