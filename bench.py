@@ -6,27 +6,26 @@
 
 Training: random sentences of 5-20 tokens over a 500-word vocabulary, 64 sentences a batch
 (bucketed by length, as train.py batches), general attention, input feeding, dropout 0.2, Adam,
-gradient clipping at 5: one full step is forward + backward + update, timed after warm-up.
-Throughput is non-padding target tokens (EOS included) per second. The GFLOP/s column counts
-the model's multiply-adds (see `forward_macs`), times 2 for FLOPs, times 3 for forward +
-backward, and is printed next to the GFLOP/s of a plain large matrix product on this machine,
-so you can see how much of the hardware the model uses.
+clipping at 5; full steps (forward + backward + update) timed after warm-up, in non-padding
+target tokens (EOS included) per second. GFLOP/s counts the model's multiply-adds (`forward_macs`)
+x 2 (FLOPs) x 3 (forward + backward), beside a plain large matmul's: how much of the hardware is used.
 
 Decoding: random weights never emit EOS reliably, so every output is exactly as long as its
 source (max_len_a=1, max_len_b=0), which is how long a real translation roughly is. Speed is
 source words per second over the whole set, batches of 32 sentences.
 """
 import argparse
-import json
 import platform
 import resource
 import time
 
 import torch
+import torch.nn.functional as F
 
 import beam
 import data
 import model as M
+import runs
 
 
 def matmul_gflops(n=2048, repeats=10):
@@ -52,11 +51,10 @@ def random_examples(n, vocab, min_len=5, max_len=20, seed=0):
 
 def forward_macs(cfg, src_len, tgt_len):
     """Multiply-adds of one sentence's forward pass through the LSTM (teacher forcing).
-
     An LSTM layer with input size I and H units costs 4H(I + H) per token (four gates);
     the attention costs, per target token, the score and context over S source positions (2SH),
     plus H*H per source position once for `general` keys; h~ = tanh(W_c[c; h]) costs 2H*H;
-    the output layer H*V. Embedding look-ups, softmaxes and element-wise ops are not counted."""
+    the output layer H*V. Not counted: embedding look-ups, softmaxes, element-wise ops."""
     E, H, L, V = cfg.emb_dim, cfg.hidden, cfg.layers, cfg.tgt_vocab
     enc = 4 * H * (E + H) + (L - 1) * 4 * H * (H + H)          # per source token (unidirectional)
     if cfg.bidirectional:
@@ -81,8 +79,7 @@ def bench_train(cfg, examples, batch_size=64, steps=20, warmup=3, seed=0):
         if i == warmup:
             t0, tokens, flops = time.perf_counter(), 0, 0
         logits, _ = model(b.src, b.src_mask, b.tgt_in)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(),
-                                                 ignore_index=data.PAD)
+        loss = F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=data.PAD)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -103,10 +100,7 @@ def bench_decode(cfg, examples, beam_size, batch_size=32, seed=0):
     words = sum(len(s) for s in srcs)
     t0 = time.perf_counter()
     for i in range(0, len(srcs), batch_size):
-        chunk = srcs[i:i + batch_size]
-        src = torch.full((len(chunk), max(map(len, chunk))), data.PAD)
-        for j, s in enumerate(chunk):
-            src[j, :len(s)] = torch.tensor(s)
+        src = data.pad(srcs[i:i + batch_size])                                 # (B, S)
         if beam_size == 1:
             beam.greedy(model, src, src != data.PAD, max_len_a=1.0, max_len_b=0)
         else:
@@ -115,14 +109,12 @@ def bench_decode(cfg, examples, beam_size, batch_size=32, seed=0):
 
 
 def step_memory(preset, batch_sizes, length=50, vocab=50000, device="cpu"):
-    """Peak memory of one training step (forward, backward, clipping, SGD update) of an LSTM
-    preset, for the longest sentences train.py keeps (--max-len 50: 50 source words, 51 target
-    tokens with EOS), loss summed and divided by the sentences as the paper's presets do.
-
-    On the CPU the figure is the process's peak resident set size (ru_maxrss, which includes the
-    Python and PyTorch runtime). That peak only grows, so the batches are measured in increasing
-    order in one process: each figure is the peak of its own step, the largest so far. On CUDA it
-    is torch.cuda.max_memory_allocated, reset before each step."""
+    """Peak memory of one training step (forward, backward, clipping, SGD update) of an LSTM preset,
+    for the longest sentences train.py keeps (--max-len 50: 50 source words, 51 target tokens with
+    EOS), loss summed and divided by the sentences as the paper's presets do. CUDA:
+    torch.cuda.max_memory_allocated, reset before each step. CPU: the process's peak resident set
+    size (ru_maxrss, Python and PyTorch included), which only grows, so the batches are measured in
+    increasing order: each figure is the peak of its own step, the largest so far."""
     cfg = M.make_config("lstm", preset, src_vocab=vocab, tgt_vocab=vocab)
     model = M.Seq2Seq(cfg).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -134,7 +126,7 @@ def step_memory(preset, batch_sizes, length=50, vocab=50000, device="cpu"):
         tgt = torch.randint(4, vocab, (B, length + 1), device=device)
         t0 = time.perf_counter()
         logits, _ = model(src, src != data.PAD, tgt)                       # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum") / B
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction="sum") / B
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -167,7 +159,7 @@ def main(argv=None):
     p.add_argument("--skip-train", action="store_true", help="measure decoding only")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--memory", metavar="PRESET", default=None,
-                   help="instead: peak memory of one training step of this model.py preset")
+                   help="instead: peak memory of one training step of this LSTM preset (lstm.py)")
     p.add_argument("--memory-batches", default="64,128", help="with --memory: comma-separated batch sizes")
     p.add_argument("--memory-vocab", type=int, default=50000, help="with --memory: vocabulary size")
     p.add_argument("--device", default="auto", help="with --memory: auto, cpu or cuda")
@@ -178,8 +170,7 @@ def main(argv=None):
         rows = step_memory(args.memory, [int(b) for b in args.memory_batches.split(",")],
                            vocab=args.memory_vocab, device=M.pick_device(args.device))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+            runs.write_json(rows, args.json)
         return rows
 
     peak = matmul_gflops()
@@ -213,8 +204,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['size']}: beam {args.beam} is {r['greedy_words_s'] / r[beam_key]:.1f}x slower than greedy")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"matmul_gflops": peak, "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+        runs.write_json({"matmul_gflops": peak, "threads": torch.get_num_threads(), "rows": rows}, args.json)
     return rows
 
 

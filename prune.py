@@ -11,17 +11,16 @@ the teacher for -0.2 BLEU, after retraining ("crucial!").
     python train.py --init pruned.pt ...        # retrain: the masks travel in the checkpoint
 
 Words used below
-  prunable weight  every parameter with dim >= 2: embeddings, LSTM input and recurrent matrices,
-                   attention and output projections (and a transformer's q/k/v/o and feed-forward
-                   matrices). Biases and norm scales (dim 1) are never pruned. Nothing here knows
-                   an architecture: the same code prunes every model family.
+  prunable weight  every parameter with dim >= 2: embeddings and weight matrices (LSTM, attention,
+                   output; a transformer's q/k/v/o and feed-forward). Biases and norm scales (dim 1)
+                   are never pruned. Nothing here knows an architecture: it prunes every model family.
   weight class     See et al. group weights into classes, one per matrix, so a class is simply a
                    parameter name ("encoder.rnn.weight_hh_l0", "generator.weight", ...).
-  mask             {parameter name: bool tensor of the parameter's shape}; True = kept,
-                   False = pruned (held at exactly 0.0 by `apply_masks`).
-  amount           the fraction of the prunable (not --exclude'd) weights to prune, in [0, 1).
-                   Weights that are already exactly zero count as pruned, so re-pruning a pruned
-                   model only adds to its masks (and never prunes less than it already has).
+  mask             {parameter name: bool tensor of its shape}; True = kept, False = pruned (held at
+                   exactly 0.0 by `apply_masks`). A checkpoint stores only the names of the masked
+                   classes: the zeros of their weights are the masks (model.pruning_masks).
+  amount           the fraction of the prunable (not --exclude'd) weights to prune, in [0, 1). Weights
+                   already exactly zero count as pruned: re-pruning only adds to a model's masks.
 
 The three schemes of See et al. (sec. 3.2). Each prunes exactly round(amount * N) of the N
 prunable weights; among equal magnitudes the earlier position (in model order) goes first.
@@ -29,33 +28,23 @@ prunable weights; among equal magnitudes the earlier position (in model order) g
   class-uniform       the same fraction of every class, on |w| within the class
   class-distribution  prune |w| < λ·σ_c, σ_c the standard deviation of class c; one λ for all
                       classes, chosen (by sorting |w|/σ_c) so that the total reaches the amount
-
-Sections
-  1. Prunable weights and masks     prunable_weights, prune, apply_masks
-  2. Report                         the per-class table and totals
-  3. Sparse export                  export_sparse, load_sparse (only non-zeros and positions)
-  4. Command line
 """
 import argparse
-import math
 import os
 import sys
 
 import torch
 
 from data import UserError
-from model import count_params, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import count_params, load_checkpoint, model_from_checkpoint, pruning_masks, save_checkpoint
 
 SCHEMES = ("class-blind", "class-uniform", "class-distribution")
 
-# ---------------------------------------------------------------------------------------------
-# 1. Prunable weights and masks
-# ---------------------------------------------------------------------------------------------
+# 1. Prunable weights and masks ---------------------------------------------------------------
 
 
 def prunable_weights(model):
-    """Every parameter with dim >= 2, {name: Parameter}, in model order. Tied parameters appear
-    once (nn.Module.named_parameters drops repeats)."""
+    """Every parameter with dim >= 2, {name: Parameter}, in model order; tied parameters once."""
     return {name: p for name, p in model.named_parameters() if p.dim() >= 2}
 
 
@@ -66,8 +55,7 @@ def check_amount(amount):
 
 
 def smallest(scores, k):
-    """scores (N,) -> bool (N,), True at the k smallest scores. A stable sort breaks ties by
-    position, so the result is deterministic."""
+    """scores (N,) -> bool (N,), True at the k smallest scores (a stable sort: ties go by position)."""
     order = torch.sort(scores, stable=True).indices
     chosen = torch.zeros_like(scores, dtype=torch.bool)
     chosen[order[:k]] = True
@@ -127,13 +115,10 @@ def apply_masks(model, masks):
         if name not in params or params[name].shape != keep.shape:
             raise UserError(f"the pruning mask of {name} does not fit this model: "
                             "was the checkpoint pruned from a different model?")
-        p = params[name]
-        p.masked_fill_(~keep.to(p.device), 0.0)
+        params[name].masked_fill_(~keep.to(params[name].device), 0.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Report
-# ---------------------------------------------------------------------------------------------
+# 2. Report -----------------------------------------------------------------------------------
 
 
 def count_nonzero(model):
@@ -155,8 +140,7 @@ def report(model, exclude=(), teacher_params=None):
                      f"{1 - nonzero / p.numel():>7.1%}  {nonzero:>12,}{note}")
     n_other = sum(p.numel() for p in others)
     nz_other = sum(int((p != 0).sum()) for p in others)
-    lines.append(f"{other_label:<{width}}  {'':>12}  {n_other:>12,}  "
-                 f"{'':>7}  {nz_other:>12,}")
+    lines.append(f"{other_label:<{width}}  {'':>12}  {n_other:>12,}  {'':>7}  {nz_other:>12,}")
     total = sum(p.numel() for p in model.parameters())
     nonzero = count_nonzero(model)
     lines.append(f"parameters: {total:,} before, {nonzero:,} non-zero after pruning "
@@ -167,15 +151,13 @@ def report(model, exclude=(), teacher_params=None):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Sparse export
-# ---------------------------------------------------------------------------------------------
+# 3. Sparse export ----------------------------------------------------------------------------
 
 
 def export_sparse(ckpt, path):
     """Write a compact copy of a (pruned) checkpoint: every masked weight as its non-zero values
-    and their flat positions (int32), every other tensor dense. arch, config and vocab travel
-    too, so {"format": "seqkd", **those, "model": load_sparse(path)} is a usable checkpoint."""
+    and their flat positions (int32), every other tensor dense. arch, config, vocab and args
+    travel too: model.load_checkpoint(path) reads it back as the ordinary checkpoint."""
     masks = ckpt.get("masks") or {}
     tensors = {}
     for name, t in ckpt["model"].items():
@@ -183,35 +165,14 @@ def export_sparse(ckpt, path):
             flat = t.flatten()
             index = flat.nonzero().squeeze(1)                                 # (nnz,)
             index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
-            tensors[name] = {"shape": list(t.shape), "index": index.to(index_dtype),
-                             "value": flat[index]}
+            tensors[name] = {"shape": list(t.shape), "index": index.to(index_dtype), "value": flat[index]}
         else:
             tensors[name] = t
-    save_checkpoint({"format": "seqkd-sparse", "arch": ckpt.get("arch"),
-                     "config": ckpt.get("config"), "vocab": ckpt.get("vocab"),
-                     "tensors": tensors}, path)
+    save_checkpoint({"format": "seqkd-sparse", "arch": ckpt.get("arch"), "config": ckpt.get("config"),
+                     "vocab": ckpt.get("vocab"), "args": ckpt.get("args"), "tensors": tensors}, path)
 
 
-def load_sparse(path):
-    """Rebuild the dense state dict {name: tensor} from a file written by `export_sparse`."""
-    if not os.path.isfile(path):
-        raise UserError(f"sparse file {path} not found: write one with prune.py --export")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != "seqkd-sparse":
-        raise UserError(f"{path} is not a sparse file written by prune.py --export")
-    state = {}
-    for name, t in obj["tensors"].items():
-        if isinstance(t, dict):
-            flat = torch.zeros(math.prod(t["shape"]), dtype=t["value"].dtype)
-            flat[t["index"].long()] = t["value"]
-            t = flat.view(t["shape"])
-        state[name] = t
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Command line
-# ---------------------------------------------------------------------------------------------
+# 4. Command line -----------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -222,8 +183,8 @@ def parse_args(argv=None):
     ap.add_argument("--scheme", choices=SCHEMES, default="class-blind",
                     help="how the threshold is chosen (See et al. sec. 3.2); default class-blind")
     ap.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                    help="leave out every weight class whose name contains PATTERN, e.g. 'embed' "
-                         "or 'generator' (repeatable); by default everything with dim >= 2 is pruned")
+                    help="leave out the weight classes whose name contains PATTERN, e.g. 'embed' or "
+                         "'generator' (repeatable); by default every weight with dim >= 2 is pruned")
     ap.add_argument("--teacher", help="teacher checkpoint: print how many times fewer parameters")
     ap.add_argument("--out", required=True, help="where to write the pruned checkpoint")
     ap.add_argument("--export", metavar="PATH",
@@ -241,7 +202,7 @@ def run(args):
         teacher_params = count_params(model_from_checkpoint(load_checkpoint(args.teacher)))
 
     model = model_from_checkpoint(ckpt)
-    old_masks = ckpt.get("masks") or {}
+    old_masks = pruning_masks(ckpt)
     apply_masks(model, old_masks)                 # re-pruning: old zeros count as pruned
     masks = prune(model, args.amount, args.scheme, args.exclude)
     masks = {**old_masks, **masks}                # classes excluded now keep their old masks

@@ -6,50 +6,49 @@
 with the highest validation BLEU, the teacher, the Seq-KD and Seq-Inter data it made, and its
 validation and test files. Or name them one by one:
 
-    T1=runs/kim_rush_multi30k
+    T1=runs/kim_rush_multi30k C=data/multi30k
     python recipes/prune_table3.py --student $T1/student_seqkd_seqinter/best.pt \\
-        --teacher $T1/teacher/best.pt --kd-src train.en \\
+        --teacher $T1/teacher/best.pt --kd-src $C/train.en \\
         --kd-tgt $T1/distill/train.seqkd.de --inter-tgt $T1/distill/train.seqinter.de \\
-        --valid-src val.en --valid-tgt val.de --test-src test.en --test-tgt test.de \\
+        --valid-src $C/valid.en --valid-tgt $C/valid.de --test-src $C/test.en --test-tgt $C/test.de \\
         --run-dir runs/table3 [--train-args "--device cuda --batch-size 128"]
 
     python recipes/prune_table3.py --demo     # the whole pipeline on a slice of the built-in
                                               # corpus, ~1.5 CPU minutes (numbers mean nothing)
 
-The student is the best one of the Table 1 recipe (in the paper, Seq-KD + Seq-Inter); --kd-tgt and
---inter-tgt are the Seq-KD and Seq-Inter targets, and --kd-src the training source they
-translate (the same files Table 1 trained on). Every row runs the same five steps, with the same
-command-line tools a user would run by hand:
+In the paper the pruned student is Seq-KD + Seq-Inter. Every row runs the same five steps, with
+the command-line tools a user would run by hand:
 
     1. prune.py   --ckpt STUDENT --amount A --scheme S              -> ROW/pruned.pt
-    2. beam.py    --report: greedy and beam-5 BLEU, before retraining -> ROW/before.json
+    2. translate.py --report: greedy and beam-5 BLEU, before retraining -> ROW/before.json
     3. train.py   --init ROW/pruned.pt on the Seq-KD data             -> ROW/retrain/
     4. train.py   --init ROW/retrain/best.pt on the Seq-Inter data,
                   with a lower learning rate (as Kim & Rush)          -> ROW/finetune/
-    5. beam.py    --report of ROW/finetune/best.pt                    -> ROW/after.json
+    5. translate.py --report of ROW/finetune/best.pt                  -> ROW/after.json
 
 Rows: 0, 50, 80, 85 and 90% class-blind (Kim & Rush, Table 3), then class-uniform and
 class-distribution at 80% (See et al. 2016, who find class-blind best). The masks travel in the
 checkpoints, and train.py puts the pruned weights back to exactly 0 after every step.
 
-Restartable: every step writes its output atomically and is skipped when that output exists; an
-interrupted training continues with train.py --resume. Everything lives under --run-dir; the
-table is printed at the end and written to RUN_DIR/table3.md.
+Restartable (recipes/steps.py): a step whose output exists is skipped. Everything lives under
+--run-dir; the table is printed at the end and written to RUN_DIR/table3.md.
 """
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # steps.py, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root
 
-import beam  # noqa: E402
 import data  # noqa: E402
 import prune  # noqa: E402
-import train  # noqa: E402
+import runs  # noqa: E402
+import steps  # noqa: E402
+import synthetic  # noqa: E402
 from model import count_params, load_checkpoint, model_from_checkpoint  # noqa: E402
+from steps import train_step, translate_step, write_lines  # noqa: E402
 
 AMOUNTS = [0.0, 0.5, 0.8, 0.85, 0.9]   # class-blind rows of Kim & Rush, Table 3
 COMPARE_AT = 0.8                        # every scheme at this amount (See et al. 2016)
@@ -87,7 +86,7 @@ def parse_args(argv=None):
     g.add_argument("--beam", type=int, default=5, help="beam size of the BLEU columns (default: 5)")
     g.add_argument("--train-args", default="",
                    help="more train.py flags for every training, as one string, e.g. \"--device cuda --batch-size 128\"")
-    g.add_argument("--device", help="passed to beam.py (default: beam.py's, auto)")
+    g.add_argument("--device", help="passed to translate.py (default: translate.py's, auto)")
     g.add_argument("--demo", action="store_true",
                    help="make every input from the built-in corpus, with tiny models and few steps")
     args = ap.parse_args(argv)
@@ -109,9 +108,8 @@ def parse_args(argv=None):
 def best_student(run_dir):
     """The student folder of a Table 1 run with the highest validation BLEU (the test set is not
     looked at), read from each training's done.json. Teacher rows are not candidates."""
-    scores = {}
-    for folder in sorted(Path(run_dir).glob("student*/done.json")):
-        scores[folder.parent.name] = json.loads(folder.read_text())["best_valid_bleu"]
+    scores = {done.parent.name: json.loads(done.read_text())["best_valid_bleu"]
+              for done in sorted(Path(run_dir).glob("student*/done.json"))}
     if not scores:
         raise data.UserError(f"--table1 {run_dir}: no finished student (student*/done.json); "
                              "run recipes/kim_rush.py to the end first")
@@ -144,113 +142,75 @@ def from_table1(args):
             setattr(args, key, str(path))
 
 
-# ---------------------------------------------------------------------------------------------
-# Steps: each one is skipped when its output exists
-# ---------------------------------------------------------------------------------------------
-
-
-def write_json(obj, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-def run_train(save_dir, argv):
-    """train.main(ARGV) into SAVE_DIR once; an interrupted run continues with --resume.
-    Returns train.main's metrics (kept in SAVE_DIR/done.json, which marks the step done)."""
-    done = save_dir / "done.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    if (save_dir / "last.pt").exists():
-        print(f"== resuming {save_dir}")
-        metrics = train.main(["--resume", "--save-dir", str(save_dir)])
-    else:
-        print(f"== train.py {' '.join(argv)}")
-        metrics = train.main(argv + ["--save-dir", str(save_dir)])
-    if metrics.get("interrupted"):
-        sys.exit("interrupted: rerun the same command to continue")
-    write_json(metrics, done)
-    return metrics
-
-
-def run_report(ckpt, out_json, args):
-    """beam.py --report on the test set: BLEU of greedy and of beam search."""
-    if not out_json.exists():
-        argv = ["--ckpt", str(ckpt), "--src", args.test_src, "--ref", args.test_tgt,
-                "--beam", str(args.beam), "--report", "--json", str(out_json), "--no-progress"]
-        print(f"== beam.py {' '.join(argv)}")
-        beam.main(argv + (["--device", args.device] if args.device else []))
-    return json.loads(out_json.read_text())
-
+# A row: each step is skipped when its output exists -----------------------------------------
 
 def nonzero_params(ckpt_path):
-    net = model_from_checkpoint(load_checkpoint(str(ckpt_path)))
-    return prune.count_nonzero(net)
+    return prune.count_nonzero(model_from_checkpoint(load_checkpoint(str(ckpt_path))))
 
 
 def run_row(name, amount, scheme, args, run_dir):
     """Prune, measure, retrain on Seq-KD, fine-tune on Seq-Inter, measure. Returns the table row."""
     row_dir = run_dir / "rows" / name
     row_dir.mkdir(parents=True, exist_ok=True)
+    report_flags = ["--no-progress"] + (["--device", args.device] if args.device else [])
+
+    def report(when, ckpt):      # translate.py --report on the test set: BLEU of greedy and of beam search
+        return steps.report_step(f"{name}: report {when} retraining", ckpt, args.test_src, args.test_tgt,
+                                 row_dir / f"{when}.json", args.beam, report_flags)
+
     pruned = row_dir / "pruned.pt"
     if not pruned.exists():
         argv = ["--ckpt", args.student, "--amount", str(amount), "--scheme", scheme, "--out", str(pruned)]
         argv += [flag for pattern in args.exclude for flag in ("--exclude", pattern)]
-        print(f"== prune.py {' '.join(argv)}")
-        prune.main(argv + (["--teacher", args.teacher] if args.teacher else []))
-    before = run_report(pruned, row_dir / "before.json", args)
+        argv += ["--teacher", args.teacher] if args.teacher else []
+        steps.announce(f"{name}: prune")
+        print(f"python prune.py {' '.join(argv)}", flush=True)
+        prune.main(argv)
+    before = report("before", pruned)
 
     extra = shlex.split(args.train_args)
     data_flags = ["--valid-src", args.valid_src, "--valid-tgt", args.valid_tgt, "--optim", args.optim,
                   "--best-metric", "bleu"]  # Seq-KD students: their reference perplexity misleads
-    run_train(row_dir / "retrain",
-              ["--init", str(pruned), "--train-src", args.kd_src, "--train-tgt", args.kd_tgt,
-               "--lr", str(args.lr), "--epochs", str(args.epochs)] + data_flags + extra)
-    run_train(row_dir / "finetune",
-              ["--init", str(row_dir / "retrain" / "best.pt"), "--train-src", args.kd_src,
-               "--train-tgt", args.inter_tgt, "--lr", str(args.inter_lr),
-               "--epochs", str(args.inter_epochs)] + data_flags + extra)
-    final = row_dir / "finetune" / "best.pt"
-    after = run_report(final, row_dir / "after.json", args)
+    retrained = train_step(f"{name}: retrain on the Seq-KD data", row_dir / "retrain",
+                           ["--init", str(pruned), "--train-src", args.kd_src, "--train-tgt", args.kd_tgt,
+                            "--lr", str(args.lr), "--epochs", str(args.epochs)] + data_flags + extra)
+    final = train_step(f"{name}: fine-tune on the Seq-Inter data", row_dir / "finetune",
+                       ["--init", retrained, "--train-src", args.kd_src, "--train-tgt", args.inter_tgt,
+                        "--lr", str(args.inter_lr), "--epochs", str(args.inter_epochs)] + data_flags + extra)
+    after = report("after", final)
     return {"name": name, "scheme": scheme, "amount": amount,
             "nonzero_pruned": nonzero_params(pruned), "nonzero": nonzero_params(final),
             "greedy_before": before["bleu_greedy"], "beam_before": before["bleu_beam"],
             "greedy_after": after["bleu_greedy"], "beam_after": after["bleu_beam"]}
 
 
-# ---------------------------------------------------------------------------------------------
-# The demo: every input made from a slice of the built-in corpus
-# ---------------------------------------------------------------------------------------------
-
+# The demo: every input made from a slice of the built-in corpus -----------------------------
 
 def prepare_demo(args, run_dir):
     """A teacher, its Seq-KD and Seq-Inter data, and a student trained on them: a miniature Table 1
     recipe, just enough for the pipeline to run. Fills in the input flags of ARGS."""
     d = run_dir / "demo-data"
     d.mkdir(parents=True, exist_ok=True)
-    splits = data.builtin_splits()
+    splits = synthetic.builtin_splits()
     for split, n in (("train", 500), ("valid", 50), ("test", 50)):
         for side, i in (("src", 0), ("tgt", 1)):
             path = d / f"{split}.{side}"
             if not path.exists():
-                path.write_text("".join(pair[i] + "\n" for pair in splits[split][:n]), encoding="utf-8")
+                write_lines(path, [pair[i] for pair in splits[split][:n]])
     files = ["--valid-src", str(d / "valid.src"), "--valid-tgt", str(d / "valid.tgt"), "--device", "cpu",
              "--batch-size", "32", "--eval-every", "40"]
-    run_train(d / "teacher", ["--train-src", str(d / "train.src"), "--train-tgt", str(d / "train.tgt"),
-                              "--preset", "builtin", "--optim", "adam", "--lr", "0.003",
-                              "--max-steps", "120"] + files)
-    teacher = d / "teacher" / "best.pt"
-    beam_flags = ["--ckpt", str(teacher), "--src", str(d / "train.src"), "--device", "cpu", "--no-progress"]
-    if not (d / "train.kd").exists():       # Seq-KD: the teacher's beam-5 output
-        beam.main(beam_flags + ["--beam", "5", "--out", str(d / "train.kd")])
-    if not (d / "train.inter").exists():    # Seq-Inter: the n-best entry closest to the reference
-        beam.main(beam_flags + ["--ref", str(d / "train.tgt"), "--beam", "5", "--nbest", "5",
-                                "--select", "sentence-bleu", "--out", str(d / "train.inter")])
-    run_train(d / "student", ["--train-src", str(d / "train.src"), "--train-tgt", str(d / "train.kd"),
-                              "--vocab-from", str(teacher), "--preset", "builtin", "--hidden", "64",
-                              "--optim", "adam", "--lr", "0.003", "--max-steps", "80"] + files)
-    args.student, args.teacher = str(d / "student" / "best.pt"), str(teacher)
+    teacher = train_step("demo: teacher", d / "teacher",
+                         ["--train-src", str(d / "train.src"), "--train-tgt", str(d / "train.tgt"),
+                          "--preset", "builtin", "--optim", "adam", "--lr", "0.003", "--max-steps", "120"] + files)
+    flags = ["--ckpt", teacher, "--src", str(d / "train.src"), "--device", "cpu", "--no-progress"]
+    translate_step("demo: Seq-KD data, the teacher's beam-5 output", d / "train.kd", flags + ["--beam", "5"])
+    translate_step("demo: Seq-Inter data, the n-best entry closest to the reference", d / "train.inter",
+                   flags + ["--ref", str(d / "train.tgt"), "--beam", "5", "--nbest", "5", "--select", "sentence-bleu"])
+    args.student = train_step("demo: student", d / "student",
+                              ["--train-src", str(d / "train.src"), "--train-tgt", str(d / "train.kd"),
+                               "--vocab-from", teacher, "--preset", "builtin", "--hidden", "64",
+                               "--optim", "adam", "--lr", "0.003", "--max-steps", "80"] + files)
+    args.teacher = teacher
     args.kd_src, args.kd_tgt, args.inter_tgt = str(d / "train.src"), str(d / "train.kd"), str(d / "train.inter")
     args.valid_src, args.valid_tgt = str(d / "valid.src"), str(d / "valid.tgt")
     args.test_src, args.test_tgt = str(d / "test.src"), str(d / "test.tgt")
@@ -259,10 +219,7 @@ def prepare_demo(args, run_dir):
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# The table
-# ---------------------------------------------------------------------------------------------
-
+# The table ----------------------------------------------------------------------------------
 
 def format_table(rows, student_params, teacher_params, beam_size):
     b = f"beam {beam_size}"
@@ -281,11 +238,7 @@ def format_table(rows, student_params, teacher_params, beam_size):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except data.UserError as e:
-        sys.exit(f"error: {e}")
+    return steps.main(parse_args, run, argv)
 
 
 def run(args):
@@ -300,11 +253,11 @@ def run(args):
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.demo:
         args = prepare_demo(args, run_dir)
-    runs = [(a, "class-blind") for a in amounts]
-    runs += [(args.compare_at, s) for s in prune.SCHEMES if (args.compare_at, s) not in runs]
+    settings = [(a, "class-blind") for a in amounts]
+    settings += [(args.compare_at, s) for s in prune.SCHEMES if (args.compare_at, s) not in settings]
 
     rows = []
-    for amount, scheme in runs:
+    for amount, scheme in settings:
         name = f"{scheme}-{round(amount * 100):02d}"
         rows.append(run_row(name, amount, scheme, args, run_dir))
         # the masks held through both trainings: no pruned weight came back
@@ -314,8 +267,8 @@ def run(args):
     student_params = count_params(model_from_checkpoint(load_checkpoint(args.student)))
     teacher_params = count_params(model_from_checkpoint(load_checkpoint(args.teacher))) if args.teacher else None
     table = format_table(rows, student_params, teacher_params, args.beam)
-    (run_dir / "table3.md").write_text(table + "\n", encoding="utf-8")
-    write_json(rows, run_dir / "table3.json")
+    runs.write_atomically(run_dir / "table3.md", lambda f: f.write(table + "\n"), mode="w")
+    runs.write_json(rows, run_dir / "table3.json")
     print("\n" + table)
     if args.demo:
         print("(--demo: tiny models trained for a few steps; the numbers only show that the pipeline runs)")

@@ -1,14 +1,13 @@
-"""
-Distilling a T5-like translator (issue 5): logit KD, MiniLM, MiniEnD-D/E, Seq-KD, and the order of
+"""Distilling a T5-like translator: logit KD, MiniLM, MiniEnD-D/E, Seq-KD, and the order of
 a staged fine-tuning, in one command.
 
-    python recipes/t5_distill.py --builtin                     # the built-in corpus
-    python recipes/t5_distill.py --smoke                       # tiny: only checks every step runs
-    python recipes/t5_distill.py --corpus ../shared/data/multi30k --src en --tgt de \\
-        --test-split test_2016_flickr --run-dir runs/t5_multi30k
+    python recipes/t5_distill.py --builtin                 # the built-in corpus
+    python recipes/t5_distill.py --smoke                   # tiny: only checks every step runs
+    python prepare.py multi30k --out data/multi30k         # or any folder of {train,valid,test}.{en,de}
+    python recipes/t5_distill.py --corpus data/multi30k --valid-split valid --run-dir runs/t5_multi30k
 
-A flat list of steps, as recipes/kim_rush.py (whose step helpers it uses): each step calls
-train.main / beam.main with the flags a user would type, writes under the run folder, and is
+A flat list of steps, as recipes/kim_rush.py (both use recipes/steps.py): each step calls
+train.main / translate.main with the flags a user would type, writes under the run folder, and is
 skipped when its output exists, so the same command continues after an interrupt.
 
   step 1   teacher pre-training: T5 span corruption (Raffel et al. 2020) of the training text of
@@ -28,7 +27,7 @@ skipped when its output exists, so the same command continues after an interrupt
            student is distilled from the PRE-TRAINED teacher (step 1) on the span-corruption data
            with the attention-relation losses (train.py --kd relation), then fine-tuned on the
            references (--init), with the baseline's epochs and learning rate
-  step 10  the test-set report of every model (beam.py --report) and the table:
+  step 10  the test-set report of every model (translate.py --report) and the table:
            RUN_DIR/table.md and RUN_DIR/table.json
 
 Two cores: steps 6, 8 and 9 need only step 1 (the students take the pre-trained teacher's
@@ -45,17 +44,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))          # kim_rush.py, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # steps.py, next to this file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root
 
 import data  # noqa: E402
+import steps  # noqa: E402
 from data import UserError  # noqa: E402
-import kim_rush  # noqa: E402
-from kim_rush import beam_step, train_step, write_lines  # noqa: E402
+from steps import train_step, translate_step, write_lines  # noqa: E402
 
-# ---------------------------------------------------------------------------------------------
-# Hyper-parameters, fixed up front. The student has about 1/4 of the teacher's parameters.
-# ---------------------------------------------------------------------------------------------
+
+# Hyper-parameters, fixed up front ------------------------------------------------------------
+# The student has about 1/4 of the teacher's parameters.
 
 SETTINGS = {
     # A real corpus (e.g. Multi30k, 29k pairs). Timed before any score was read: the teacher
@@ -90,7 +89,7 @@ SETTINGS = {
         max_train=None,
         max_eval=None,
     ),
-    # The built-in synthetic corpus (data.builtin_splits).
+    # The built-in synthetic corpus (synthetic.builtin_splits).
     "builtin": dict(
         tokenizer=["--tokenizer", "word"],
         teacher=["--arch", "t5", "--preset", "t5-builtin"],          # 2 + 2 layers, width 128
@@ -110,29 +109,19 @@ SETTINGS = {
         max_train=10_000,
         max_eval=None,
     ),
-    # Absurdly small: only checks that every step runs (tests/test_t5_distill.py).
-    "smoke": dict(
-        tokenizer=["--tokenizer", "word"],
-        teacher=["--arch", "t5", "--preset", "t5-tiny"],             # 2 + 2 layers, width 16
-        student=["--arch", "t5", "--layers", "1", "--d-model", "8", "--heads", "2", "--d-kv", "4",
-                 "--d-ff", "16", "--dropout", "0.0"],
-        optim=["--optim", "adam", "--batch-size", "32"],
-        lr=1e-2,
-        finetune_lr=1e-3,
-        pretrain_epochs=1,
-        teacher_epochs=1,
-        student_epochs=1,
-        finetune_epochs=1,
-        kd_alpha=0.5,
-        relation_heads=2,
-        seqkd_beam=2,
-        report_beam=2,
-        max_train=200,
-        max_eval=40,
-    ),
 }
+# Absurdly small: only checks that every step runs (tests/test_t5_distill.py). The built-in
+# setting with tiny models, Adam, one epoch, small beams and a slice of the corpus.
+SETTINGS["smoke"] = dict(
+    SETTINGS["builtin"],
+    teacher=["--arch", "t5", "--preset", "t5-tiny"],             # 2 + 2 layers, width 16
+    student=["--arch", "t5", "--layers", "1", "--d-model", "8", "--heads", "2", "--d-kv", "4",
+             "--d-ff", "16", "--dropout", "0.0"],
+    optim=["--optim", "adam", "--batch-size", "32"],
+    teacher_epochs=1, student_epochs=1, relation_heads=2, seqkd_beam=2, report_beam=2,
+    max_train=200, max_eval=40)
 
-# The task-agnostic relation recipes of step 7: (row name, --relation-terms, folder prefix)
+# The task-agnostic relation recipes of step 9: (row name, --relation-terms, folder prefix)
 RELATION_ROWS = [("MiniLM, then gold", "minilm", "student_minilm"),
                  ("MiniEnD-D, then gold", "miniend-d", "student_miniend_d"),
                  ("MiniEnD-E, then gold", "miniend-e", "student_miniend_e")]
@@ -150,25 +139,20 @@ ROWS = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------
-# The recipe
-# ---------------------------------------------------------------------------------------------
+# The recipe ----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     students_only = ("--students-only", dict(
         action="store_true", help="only steps 6, 8 and 9 (no fine-tuned teacher needed): a second process "
                                   "beside the full command, once its step 1 is done"))
-    return kim_rush.parse_args(argv, description="Distil a T5-like translator: logit KD, MiniLM, "
-                               "MiniEnD-D/E, Seq-KD and both staged orders, and the table.", recipe="t5_distill",
-                               extra_flags=[students_only])
+    return steps.parse_args(argv, "Distil a T5-like translator: logit KD, MiniLM, MiniEnD-D/E, Seq-KD and "
+                            "both staged orders, and the table.", "t5_distill", extra_flags=[students_only])
 
 
 def run(args):
     t_start = time.time()
-    # ---- the setting, the run folder and the corpus (recipes/kim_rush.py, step 0) ----------------
-    setting_name, S, run_dir, tgt, files = kim_rush.setup_run(args, SETTINGS, "t5_distill", "T5 distillation")
+    setting_name, S, run_dir, tgt, files = steps.setup_run(args, SETTINGS, "t5_distill", "T5 distillation")
     (train_src, train_ref), (valid_src, valid_ref), (test_src, test_ref) = files["train"], files["valid"], files["test"]
-    distill = run_dir / "distill"
     # the unlabelled text of span corruption: every training sentence of both languages
     mono = run_dir / "mono.txt"
     if not mono.exists():
@@ -184,7 +168,6 @@ def run(args):
     span_corruption = ["--span-corruption", "--mono", str(mono), "--valid-src", valid_src, *common,
                        "--best-metric", "ppl", "--epochs", str(S["pretrain_epochs"]), "--lr", str(S["lr"])]
 
-    # ---- step 1: the teacher pre-trained on span corruption ------------------------------------
     if args.students_only and not (run_dir / "teacher_pretrain" / "done.json").exists():
         raise UserError(f"--students-only: step 1 is not done in {run_dir}; start the full command first, "
                         "and this one when it has printed 'step 2'")
@@ -193,27 +176,23 @@ def run(args):
     student = S["student"] + ["--vocab-from", pretrained_teacher]  # the joint vocabulary with sentinels
     gold = translation(train_ref, S["student_epochs"], S["lr"])
     if not args.students_only:
-        # ---- steps 2-3: the teacher fine-tuned on translation, and its Seq-KD data ----------------
         teacher = train_step("step 2: teacher (fine-tuned on the references)", run_dir / "teacher",
                              translation(train_ref, S["teacher_epochs"], S["lr"]) + ["--init", pretrained_teacher])
-        seqkd_tgt = str(distill / f"train.seqkd.{tgt}")
-        beam_step(f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the training source",
-                  seqkd_tgt, ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
-                              "--device", args.device])
+        seqkd_tgt = str(run_dir / "distill" / f"train.seqkd.{tgt}")
+        translate_step(f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the "
+                       "training source", seqkd_tgt, ["--ckpt", teacher, "--src", train_src, "--beam",
+                                                      str(S["seqkd_beam"]), "--device", args.device])
 
-        # ---- steps 4-5: logit KD and Seq-KD ------------------------------------------------------
         train_step("step 4: logit KD (Word-KD from the teacher on the references)", run_dir / "student_wordkd",
                    gold + student + ["--teacher", teacher, "--kd", "word", "--kd-alpha", str(S["kd_alpha"])])
         seqkd = train_step("step 5: Seq-KD (from scratch, NLL on the teacher's translations)",
                            run_dir / "student_seqkd",
                            translation(seqkd_tgt, S["student_epochs"], S["lr"]) + student)
 
-    # ---- step 6: the student baseline ----------------------------------------------------------
     baseline = train_step("step 6: student baseline (from scratch, NLL on the references)",
                           run_dir / "student", gold + student)
 
     if not args.students_only:
-        # ---- step 7: the two staged orders -------------------------------------------------------
         train_step("step 7a: Seq-KD, then gold (fine-tune the Seq-KD student on the references)",
                    run_dir / "student_seqkd_gold",
                    translation(train_ref, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd])
@@ -221,13 +200,11 @@ def run(args):
                    run_dir / "student_gold_seqkd",
                    translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", baseline])
 
-    # ---- step 8: control: span-corruption pre-training without a teacher, then gold -------------
     pretrained = train_step("step 8a: control: student pre-trained on span corruption, no teacher",
                             run_dir / "student_pretrain", span_corruption + student)
     train_step("step 8b: control: ... then fine-tuned on the references", run_dir / "student_pretrain_gold",
                gold + ["--init", pretrained])
 
-    # ---- step 9: task-agnostic relation distillation, then fine-tuning -------------------------
     for name, terms, prefix in RELATION_ROWS:
         distilled = train_step(f"step 9a: {name.split(',')[0]}: relation KD from the pre-trained teacher on "
                                "span corruption", run_dir / prefix,
@@ -239,18 +216,13 @@ def run(args):
     if args.students_only:
         return None
 
-    # ---- step 10: reports and the table ----------------------------------------------------------
-    return kim_rush.report_and_table("step 10", "Distilling a T5-like translator", "table", run_dir, ROWS, S,
-                                     setting_name, test_src, test_ref, args.device, t_start,
-                                     "Δ: against the student baseline.")
+    return steps.report_and_table("step 10", "Distilling a T5-like translator", "table", run_dir, ROWS, S,
+                                  setting_name, test_src, test_ref, args.device, t_start,
+                                  "Δ: against the student baseline.")
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    return steps.main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,16 @@
-"""Tests for data.py: corpus errors, vocabularies, collate, batching and the synthetic corpus."""
-import doctest
+"""Tests for data.py: corpus errors, vocabularies, collate and batching."""
 import io
 import os
 import random
 import sys
-from collections import defaultdict
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+import synthetic  # noqa: E402
 from data import BOS, EOS, PAD, SPECIALS, UNK, UserError  # noqa: E402
-
 
 def write(tmp_path, name, content):
     path = tmp_path / name
@@ -30,7 +28,7 @@ def save_and_load(obj):
 
 @pytest.fixture(scope="module")
 def spm_vocab():
-    lines = [src for src, _ in data.synthetic_corpus(300, seed=5)]
+    lines = [src for src, _ in synthetic.synthetic_corpus(300, seed=5)]
     return data.SpmVocab.build(lines, 60), lines
 
 
@@ -137,7 +135,7 @@ def test_word_vocab_too_small():
 
 
 def test_word_vocab_round_trip():
-    pairs = data.synthetic_corpus(200, seed=3)
+    pairs = synthetic.synthetic_corpus(200, seed=3)
     src_vocab, tgt_vocab = data.build_vocabs([s for s, _ in pairs], [t for _, t in pairs])
     assert src_vocab is not tgt_vocab and "sees" in src_vocab.stoi and "sieht" in tgt_vocab.stoi
     for src, tgt in pairs:
@@ -248,12 +246,12 @@ def test_batch_indices_by_sentence_count():
 def test_batch_indices_leaves_global_rngs_alone():
     torch_state, python_state = torch.get_rng_state(), random.getstate()
     data.batch_indices(random_lengths(), batch_tokens=100, seed=4, epoch=2)
-    data.synthetic_corpus(10, seed=4)
+    synthetic.synthetic_corpus(10, seed=4)
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
 
 
 def test_batches_cover_the_corpus():
-    pairs = data.synthetic_corpus(300, seed=2)
+    pairs = synthetic.synthetic_corpus(300, seed=2)
     src_vocab, tgt_vocab = data.build_vocabs([s for s, _ in pairs], [t for _, t in pairs])
     examples = data.encode_pairs(pairs, src_vocab, tgt_vocab)
     assert examples[0] == (src_vocab.encode(pairs[0][0]), tgt_vocab.encode(pairs[0][1]))
@@ -264,178 +262,3 @@ def test_batches_cover_the_corpus():
             src_ids = b.src[row][b.src_mask[row]].tolist()
             assert src_vocab.decode(src_ids) == pairs[i][0]
             assert tgt_vocab.decode(b.tgt_out[row].tolist()) == pairs[i][1]
-
-
-# ---------------------------------------------------------------------------------------------
-# The synthetic corpus
-# ---------------------------------------------------------------------------------------------
-
-GERMAN_GENDER = {de: g for _, translations in data.NOUNS.values() for de, g in translations}
-GERMAN_ADJECTIVES = {de for _, ts in data.ADJECTIVES.values() if ts for de in ts} | {"leicht", "hell"}
-
-
-def test_synthetic_docstring_examples_and_determinism():
-    assert doctest.testmod(data).failed == 0        # the examples printed in the docstring
-    assert data.synthetic_corpus(50, seed=7) == data.synthetic_corpus(50, seed=7)
-    assert data.synthetic_corpus(50, seed=7) != data.synthetic_corpus(50, seed=8)
-    assert data.synthetic_corpus(3, seed=0)[2] == (
-        "the blue bird paints a small bag on the heavy dog again",
-        "der vogel blau wieder auf dem hund schwer eine tasche klein malt")
-
-
-def test_synthetic_word_order_and_agreement():
-    for src, tgt in data.synthetic_corpus(2000, seed=11):
-        en, de = src.split(), tgt.split()
-        assert 5 <= len(en) <= 15
-        verb = next(w for w in en if w in data.VERBS)
-        context = {"eats": ["isst", "frisst"], "takes": ["benutzt", "nimmt"]}
-        assert de[-1] in (data.VERBS[verb][1] or context[verb])        # the verb moves to the end
-        assert en[-1] != verb
-        for k, word in enumerate(de):
-            if word in GERMAN_GENDER:   # determiner right before the noun, of the noun's gender
-                assert any(de[k - 1] == by_gender[GERMAN_GENDER[word]]
-                           for by_gender in data.DETERMINERS.values()), tgt
-            if word in GERMAN_ADJECTIVES:   # adjectives follow their noun
-                assert de[k - 1] in GERMAN_GENDER or de[k - 1] in GERMAN_ADJECTIVES, tgt
-
-
-def test_synthetic_words_translate_in_context():
-    seen = set()
-    for src, tgt in data.synthetic_corpus(3000, seed=12):
-        en, de = src.split(), tgt.split()
-        if "takes" in en:
-            obj = next(w for w in en[en.index("takes"):] if w in data.NOUNS)
-            assert de[-1] == ("benutzt" if data.NOUNS[obj][0] == "vehicle" else "nimmt")
-            seen.add(de[-1])
-        if "eats" in en:
-            subject = next(w for w in en if w in data.NOUNS)
-            assert de[-1] == ("frisst" if data.NOUNS[subject][0] == "animal" else "isst")
-            seen.add(de[-1])
-        if "light" in en:
-            noun = next(w for w in en[en.index("light"):] if w in data.NOUNS)
-            assert ("leicht" if data.NOUNS[noun][0] in ("food", "thing") else "hell") in de
-            seen.add("leicht" if "leicht" in de else "hell")
-    assert seen == {"benutzt", "nimmt", "frisst", "isst", "leicht", "hell"}
-
-
-def test_synthetic_is_multimodal():
-    targets = defaultdict(set)
-    for src, tgt in data.synthetic_corpus(5000, seed=0):
-        targets[src].add(tgt)
-    assert any(len(ts) > 1 for ts in targets.values())   # one source, two valid translations
-    # variants=False: same sources, always the mode; about 30% of the sampled targets differ
-    sampled = data.synthetic_corpus(2000, seed=1)
-    modes = data.synthetic_corpus(2000, seed=1, variants=False)
-    assert [s for s, _ in sampled] == [s for s, _ in modes]
-    differ = sum(a != b for (_, a), (_, b) in zip(sampled, modes)) / 2000
-    assert 0.2 < differ < 0.45
-    # the PP sometimes comes before the object: "auf dem ..." before the accusative object
-    assert data.synthetic_corpus(4, seed=0)[3][1] == "ein pferd auf dem garten eine suppe moechte"
-    assert data.synthetic_corpus(4, seed=0, variants=False)[3][1] == "ein pferd eine suppe auf dem garten will"
-
-
-def test_builtin_splits():
-    splits = data.builtin_splits()
-    assert {k: len(v) for k, v in splits.items()} == {"train": 20000, "valid": 500, "test": 500}
-    train_src = {s for s, _ in splits["train"]}
-    valid_src = {s for s, _ in splits["valid"]}
-    test_src = {s for s, _ in splits["test"]}
-    assert len(valid_src) == 500 and len(test_src) == 500          # no repeats inside a split
-    assert not (valid_src & train_src) and not (test_src & train_src) and not (valid_src & test_src)
-    assert splits["train"][:5] == data.synthetic_corpus(5, seed=1)
-
-
-# ---- T5 span corruption (section 6) --------------------------------------------------------------
-
-SENTINELS = [100, 101, 102, 103, 104, 105, 106, 107]
-
-
-class ScriptedRng:
-    """Stands in for random.Random: sample() returns the given answers in turn."""
-
-    def __init__(self, *answers):
-        self.answers = list(answers)
-
-    def sample(self, population, k):
-        answer = self.answers.pop(0)
-        assert len(answer) == k and all(a in population for a in answer)
-        return answer
-
-
-def uncorrupt(input_ids, target_ids, sentinels=SENTINELS):
-    """Put every span of the target back in place of its sentinel in the input."""
-    spans, current = {}, None
-    for i in target_ids:
-        if i in sentinels:
-            current = spans[i] = []
-        else:
-            current.append(i)
-    return [j for i in input_ids for j in (spans[i] if i in sentinels else [i])]
-
-
-def test_span_corrupt_hand_example():
-    # 20 tokens 10..29, density 0.15 -> round(3.0) = 3 noise tokens; mean span length 1.5 ->
-    # round(3 / 1.5) = 2 spans. The rng cuts the 3 noise tokens at 1 -> spans of 1 and 2; the 17
-    # kept tokens (+ 2) at 5 and 12 -> gaps 5, 7, 7, minus 1 at both ends -> 4, 7, 6:
-    #   keep 10 11 12 13 | drop 14 | keep 15 .. 21 | drop 22 23 | keep 24 .. 29
-    ids = list(range(10, 30))
-    inp, tgt = data.span_corrupt(ids, SENTINELS, ScriptedRng([1], [12, 5]), noise_density=0.15,
-                                 mean_span_length=1.5)
-    assert inp == [10, 11, 12, 13, 100, 15, 16, 17, 18, 19, 20, 21, 101, 24, 25, 26, 27, 28, 29]
-    assert tgt == [100, 14, 101, 22, 23]
-    # T5's defaults on the same sentence: 3 noise tokens in round(3 / 3) = 1 span
-    inp, tgt = data.span_corrupt(ids, SENTINELS, ScriptedRng([], [16]))  # gaps 16, 3 -> 15, 2
-    assert inp == list(range(10, 25)) + [100, 28, 29] and tgt == [100, 25, 26, 27]
-    # a span may start the sentence (gap 0 before it): T5's code would never drop the first token
-    inp, tgt = data.span_corrupt(ids, SENTINELS, ScriptedRng([], [1]))  # gaps 1, 18 -> 0, 17
-    assert inp == [100] + list(range(13, 30)) and tgt == [100, 10, 11, 12]
-
-
-def test_span_corrupt_counts_and_reconstruction():
-    rng = random.Random(0)
-    for _ in range(300):
-        L = rng.randint(1, 60)
-        ids = [rng.randint(10, 99) for _ in range(L)]
-        inp, tgt = data.span_corrupt(ids, SENTINELS, rng)
-        n_noise = max(1, min(round(L * 0.15), L - 1))
-        n_spans = max(1, min(round(n_noise / 3), n_noise, L - n_noise + 1))
-        used = SENTINELS[:n_spans]
-        assert [i for i in inp if i in SENTINELS] == used          # one sentinel per span, in order
-        assert [i for i in tgt if i in SENTINELS] == used and tgt[0] == used[0]
-        assert len(tgt) == n_noise + n_spans and len(inp) == L - n_noise + n_spans
-        assert uncorrupt(inp, tgt) == ids
-        assert all(not (a in SENTINELS and b in SENTINELS) for a, b in zip(inp, inp[1:]))  # spans apart
-    assert data.span_corrupt([42], SENTINELS, rng) == ([100], [100, 42])   # 1 token: it is the span
-    with pytest.raises(ValueError):
-        data.span_corrupt([], SENTINELS, rng)
-    with pytest.raises(UserError, match="needs 5 sentinels.*--sentinels"):
-        data.span_corrupt(list(range(10, 110)), SENTINELS[:4], rng)     # 15 noise tokens, 5 spans
-
-
-def test_span_corruption_examples_are_deterministic_and_unbiased():
-    sentences = [list(range(10, 10 + n)) for n in (5, 10, 20, 100)] * 50
-    a = data.span_corruption_examples(sentences, SENTINELS, seed=1, epoch=1)
-    assert a == data.span_corruption_examples(sentences, SENTINELS, seed=1, epoch=1)
-    assert a != data.span_corruption_examples(sentences, SENTINELS, seed=1, epoch=2)   # fresh noise
-    long = [tgt for (_, tgt), ids in zip(a, sentences) if len(ids) == 100]
-    assert all(len(tgt) == 15 + 5 for tgt in long)   # 100 tokens: 15 dropped in 5 spans (mean 3)
-    # one-span 10-token sentences: every position gets dropped sometimes, the first and last too
-    dropped = {i for (_, tgt), ids in zip(a, sentences) if len(ids) == 10 for i in tgt} - set(SENTINELS)
-    assert dropped == set(range(10, 20))
-
-
-def test_vocab_with_sentinels(tmp_path):
-    lines = ["a b c <X1>", "a b d", "a e"]
-    vocab = data.build_vocab_with_sentinels(lines, "word", size=4 + 3 + 3, n_sentinels=3)
-    assert vocab.itos == SPECIALS + ["<X0>", "<X1>", "<X2>", "a", "b", "c"]   # "<X1>" in the text is the sentinel
-    assert data.sentinel_ids(vocab) == [4, 5, 6]
-    assert data.sentinel_ids(data.vocab_from_dict(save_and_load(vocab.to_dict()))) == [4, 5, 6]
-    assert data.sentinel_ids(data.WordVocab.build(lines, 10)) == []
-    with pytest.raises(UserError, match="no room.*--sentinels"):
-        data.build_vocab_with_sentinels(lines, "word", size=7, n_sentinels=3)
-    # sentencepiece: user-defined symbols, whole pieces at ids 4, 5, ...
-    text = [src for src, _ in data.synthetic_corpus(300, seed=1)]
-    spm = data.build_vocab_with_sentinels(text, "spm", size=60, n_sentinels=5)
-    assert len(spm) == 60 and data.sentinel_ids(spm) == [4, 5, 6, 7, 8]
-    assert "<X3>" in spm.tokenize("the dog <X3> sees")
-    assert spm.decode([4] + spm.encode("the dog")) == "<X0> the dog"

@@ -1,5 +1,5 @@
 """Tests for running under torchrun on CPU (gloo backend, 2 processes): sharded distillation-data
-generation in beam.py. Each torchrun launch starts 3 Python processes, so the file keeps to few
+generation in translate.py, and training in train.py. Each torchrun launch starts 3 Python processes, so the file keeps to few
 launches with tiny models."""
 import os
 import subprocess
@@ -12,9 +12,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import beam  # noqa: E402
 import data  # noqa: E402
 import model as seqmodel  # noqa: E402
+import synthetic  # noqa: E402
+import translate  # noqa: E402
 from data import EOS  # noqa: E402
 
 
@@ -28,14 +29,14 @@ def torchrun(*args, timeout=120):
 
 
 # ---------------------------------------------------------------------------------------------
-# beam.py under torchrun: one shard per process, joined in order by process 0
+# translate.py under torchrun: one shard per process, joined in order by process 0
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
 def tiny_teacher(tmp_path):
     """A tiny random LSTM checkpoint, 11 source lines (one empty) and their references."""
-    pairs = data.synthetic_corpus(10, seed=4)
+    pairs = synthetic.synthetic_corpus(10, seed=4)
     src = [s for s, _ in pairs[:5]] + [""] + [s for s, _ in pairs[5:]]
     ref = [t for _, t in pairs[:5]] + [""] + [t for _, t in pairs[5:]]
     torch.manual_seed(0)
@@ -54,16 +55,16 @@ def tiny_teacher(tmp_path):
             [("ckpt", "teacher.pt"), ("src", "src.txt"), ("ref", "ref.txt")]}
 
 
-def test_beam_under_torchrun_equals_one_process(tiny_teacher, tmp_path, capsys):
+def test_translate_under_torchrun_equals_one_process(tiny_teacher, tmp_path, capsys):
     flags = ["--ckpt", tiny_teacher["ckpt"], "--src", tiny_teacher["src"], "--ref", tiny_teacher["ref"],
              "--beam", "3", "--nbest", "2", "--batch-size", "2", "--chunk-size", "2",
              "--device", "cpu", "--no-progress"]
     one = tmp_path / "one.nbest"
-    beam.main(flags + ["--out", str(one)])
+    translate.main(flags + ["--out", str(one)])
     bleu_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BLEU")]
 
     two = tmp_path / "two.nbest"
-    run = torchrun(ROOT / "beam.py", *flags, "--out", two)
+    run = torchrun(ROOT / "translate.py", *flags, "--out", two)
     assert run.returncode == 0, run.stderr[-3000:]
     # n-best lines carry the global line number: the joined file equals the one-process file
     assert two.read_text() == one.read_text()
@@ -75,13 +76,13 @@ def test_beam_under_torchrun_equals_one_process(tiny_teacher, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ([], "under torchrun beam.py only makes files: give --out FILE"),
+    ([], "under torchrun translate.py only makes files: give --out FILE"),
     (["--out", "x.txt", "--shard", "1/2"], "--shard 1/2: under torchrun each process takes one shard"),
 ])
 def test_torchrun_refuses_what_needs_one_process(tiny_teacher, monkeypatch, flags, message):
     monkeypatch.setenv("WORLD_SIZE", "2")      # as torchrun sets it; refused before any rendezvous
     with pytest.raises(SystemExit) as e:
-        beam.main(["--ckpt", tiny_teacher["ckpt"], "--src", tiny_teacher["src"], *flags])
+        translate.main(["--ckpt", tiny_teacher["ckpt"], "--src", tiny_teacher["src"], *flags])
     assert str(e.value).startswith("error: " + message)
 
 
@@ -101,7 +102,7 @@ def read_log(save_dir):
 def test_train_two_processes_take_the_steps_of_one_and_resume(tmp_path):
     # 2 processes x (4 or 3 sentences) against 1 process x 7 sentences: the same whole batches, so
     # the same steps. Shares of unequal size and unequal token counts test the loss weighting.
-    pairs = data.synthetic_corpus(120, seed=3)
+    pairs = synthetic.synthetic_corpus(120, seed=3)
     for name, part in [("train", pairs[:100]), ("valid", pairs[100:])]:
         (tmp_path / f"{name}.en").write_text("\n".join(s for s, _ in part) + "\n")
         (tmp_path / f"{name}.de").write_text("\n".join(t for _, t in part) + "\n")
@@ -118,6 +119,7 @@ def test_train_two_processes_take_the_steps_of_one_and_resume(tmp_path):
         assert run.returncode == 0, run.stderr[-3000:]
     printed = [line.split(" |")[0] for line in run.stdout.splitlines() if line.startswith("step ")]
     assert printed == ["step 4", "step 5", "step 6"]     # process 0 alone prints
+    assert not (two / ".lock").exists()                  # process 0's lock, released
 
     log_one, log_two = read_log(tmp_path / "one"), read_log(two)
     assert [r["step"] for r in log_two] == [1, 2, 3, 4, 5, 6]

@@ -1,14 +1,17 @@
-"""Tests for kd_losses.py: NLL, Word-KD (Kim & Rush 2016, 3.1) and the Seq-Inter selection (3.3)."""
+"""Tests for kd_losses.py: NLL, Word-KD (Kim & Rush 2016, 3.1), the Seq-Inter selection (3.3) and
+the training loss of a batch (compute_loss)."""
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from data import PAD  # noqa: E402
-from kd_losses import nll_loss, nll_sum, select_seq_inter, sentence_bleu, word_kd_loss  # noqa: E402
+from data import PAD, UNK  # noqa: E402
+from kd_losses import (Distillation, compute_loss, nll_loss, nll_sum, select_seq_inter, sentence_bleu,  # noqa: E402
+                       warn_unknown_words, word_kd_loss, word_kd_sum)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -181,6 +184,59 @@ def test_word_kd_float32_under_bf16_logits():
     loss = word_kd_loss(student.bfloat16(), teacher.bfloat16(), target)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(word_kd_loss(student, teacher, target).item(), rel=2e-2)
+
+
+def test_word_kd_parts_are_the_two_terms_per_token():
+    student, teacher, target = random_batch(seed=6)
+    s = student.clone().requires_grad_(True)
+    loss, parts = word_kd_loss(s, teacher, target, alpha=0.3, T=2.0, return_parts=True)
+    assert torch.equal(loss, word_kd_loss(student, teacher, target, alpha=0.3, T=2.0))
+    kd_sum, ntokens = word_kd_sum(student, teacher, target, T=2.0)
+    assert ntokens == 9 and set(parts) == {"word_kd", "nll"}
+    assert torch.equal(parts["word_kd"], kd_sum / ntokens)
+    assert torch.equal(parts["nll"], nll_sum(student, target)[0] / ntokens)
+    assert not any(v.requires_grad for v in parts.values()) and loss.requires_grad
+    torch.testing.assert_close(loss, 0.3 * parts["word_kd"] + 0.7 * parts["nll"])
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model: the same logits (B, T, V) for any batch."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits)
+
+    def forward(self, src, src_mask, tgt_in):
+        return self.logits, None
+
+
+def test_compute_loss_word_kd_is_word_kd_loss_and_sents_scales_it():
+    student, teacher, target = random_batch(seed=7)
+    B = target.size(0)
+    batch = SimpleNamespace(src=torch.zeros(B, 2, dtype=torch.long), src_mask=None, tgt_in=target,
+                            tgt_out=target, ntokens=int((target != PAD).sum()))
+    kd = Distillation(FixedLogits(teacher).eval(), "word", alpha=0.5, temperature=2.0)
+    loss, parts = compute_loss(FixedLogits(student), batch, kd)
+    expected, expected_parts = word_kd_loss(student, teacher, target, alpha=0.5, T=2.0, return_parts=True)
+    assert torch.equal(loss.detach(), expected) and torch.equal(parts["loss"], expected)
+    assert torch.equal(parts["word_kd"], expected_parts["word_kd"]) and torch.equal(parts["nll"], expected_parts["nll"])
+    per_sentence, _ = compute_loss(FixedLogits(student), batch, kd, normalize="sents")
+    assert per_sentence.item() == pytest.approx(expected.item() * batch.ntokens / B, rel=1e-6)
+    nll, nll_parts = compute_loss(FixedLogits(student), batch, None)
+    assert torch.equal(nll.detach(), nll_loss(student, target)) and set(nll_parts) == {"loss"}
+
+
+def test_unknown_words_warning_only_above_5_percent_of_a_taken_vocabulary(capsys):
+    examples = [([4, 5, UNK], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13]), ([4], [4, 5, 6, 7, 8, 9, 10, 11, 12, UNK])]
+    fresh, resumed = SimpleNamespace(resume=False), SimpleNamespace(resume=True)
+    warn_unknown_words(fresh, examples, "--init a.pt")        # 25% of the source, 5% of the target
+    assert capsys.readouterr().out == ("warning: 25.0% of the training source tokens and 5.0% of the target "
+                                       "tokens are <unk> in the vocabularies of --init a.pt: they were built on "
+                                       "other text\n")
+    warn_unknown_words(fresh, [(t, t) for _, t in examples], "--init a.pt")  # 5% is not more than 5%
+    warn_unknown_words(fresh, examples, None)                 # a new vocabulary, of this text
+    warn_unknown_words(resumed, examples, "last.pt")          # warned of when the run began
+    assert capsys.readouterr().out == ""
 
 
 # ---------------------------------------------------------------------------------------------

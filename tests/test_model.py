@@ -1,95 +1,20 @@
-"""Tests of model.py: the decoding interface agrees with teacher forcing, padding is invisible,
-checkpoints round-trip. Tiny models, seeded."""
+"""Tests of model.py: configs from presets, checkpoints round-trip and fail with clear errors,
+the re-exports. Tiny models, seeded."""
 from dataclasses import asdict
 
 import pytest
 import torch
 
+import lstm
 import model as M
-from data import PAD, BOS, UserError
+import t5
+from data import UserError
 
 
-def tiny(attention="general", bidirectional=False, input_feed=True, layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = M.make_config("lstm", "tiny", src_vocab=13, tgt_vocab=11, layers=layers,
-                        attention=attention, bidirectional=bidirectional, input_feed=input_feed)
+def tiny():
+    torch.manual_seed(0)
+    cfg = M.make_config("lstm", "tiny", src_vocab=13, tgt_vocab=11, layers=2)
     return M.Seq2Seq(cfg).eval()
-
-
-def padded(rows, length):
-    """Token rows -> (B, length) PAD-padded tensor and its mask."""
-    x = torch.full((len(rows), length), PAD)
-    for i, r in enumerate(rows):
-        x[i, :len(r)] = torch.tensor(r)
-    return x, x != PAD
-
-
-SRC = [[5, 6, 7, 8, 9], [4, 12, 7]]
-TGT_IN = [[BOS, 5, 6, 7], [BOS, 9, 10]]
-
-
-@pytest.mark.parametrize("attention", ["dot", "general", "concat"])
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_incremental_decoding_equals_full_forward(attention, bidirectional):
-    m = tiny(attention, bidirectional)
-    src, src_mask = padded(SRC, 5)
-    tgt_in, _ = padded(TGT_IN, 4)
-    with torch.no_grad():
-        logits, attn = m(src, src_mask, tgt_in)                   # (B, T, V), (B, T, S)
-        full = torch.log_softmax(logits, -1)
-        state = m.start(src, src_mask)
-        for t in range(tgt_in.size(1)):
-            logp, a, state = m.step(tgt_in[:, t], state)
-            torch.testing.assert_close(logp, full[:, t], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(a, attn[:, t], rtol=1e-5, atol=1e-6)
-
-
-def test_padding_does_not_change_a_sentences_outputs():
-    m = tiny(bidirectional=True)
-    alone_src, alone_mask = padded(SRC[1:], 3)
-    alone_tgt, _ = padded(TGT_IN[1:], 3)
-    batch_src, batch_mask = padded(SRC, 7)       # extra padding beyond the longest sentence
-    batch_tgt, _ = padded(TGT_IN, 4)
-    with torch.no_grad():
-        alone, a_alone = m(alone_src, alone_mask, alone_tgt)
-        batch, a_batch = m(batch_src, batch_mask, batch_tgt)
-    torch.testing.assert_close(batch[1, :3], alone[0], rtol=1e-5, atol=1e-5)
-    # attention never looks at padding, and sums to one over the real source words
-    assert torch.all(a_batch[1, :, 3:] == 0)
-    torch.testing.assert_close(a_batch.sum(-1), torch.ones(2, 4))
-
-
-def test_attention_weights_are_a_softmax_of_the_dot_score():
-    # dot attention on a one-word source must put all weight on that word
-    m = tiny("dot")
-    src, src_mask = padded([[5]], 1)
-    with torch.no_grad():
-        _, attn = m(src, src_mask, torch.tensor([[BOS, 4]]))
-    assert torch.allclose(attn, torch.ones(1, 2, 1))
-
-
-def test_reorder_selects_rows_of_every_state_entry():
-    m = tiny()
-    src, src_mask = padded(SRC, 5)
-    state = m.start(src, src_mask)
-    index = torch.tensor([1, 1, 0])
-    new = m.reorder(state, index)
-    assert set(new) == set(state)
-    for k in state:
-        assert new[k].shape[0] == 3
-        assert torch.equal(new[k][0], state[k][1]) and torch.equal(new[k][2], state[k][0])
-
-
-def test_uniform_initialisation_in_range():
-    m = tiny()
-    for p in m.parameters():
-        assert p.abs().max() <= 0.1
-
-
-def test_no_input_feed_has_smaller_first_layer():
-    with_feed, without = tiny(input_feed=True), tiny(input_feed=False)
-    assert with_feed.cells[0].weight_ih.shape[1] == 8 + 16    # emb + h~
-    assert without.cells[0].weight_ih.shape[1] == 8
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -126,13 +51,46 @@ def test_config_errors():
         M.make_config("lstm", "tiny", hidden=15, bidirectional=True)
 
 
-def test_presets_have_the_papers_sizes():
-    teacher = M.make_config("lstm", "kim-rush-teacher", src_vocab=50004, tgt_vocab=50004)
-    student = M.make_config("lstm", "kim-rush-student", src_vocab=50004, tgt_vocab=50004)
-    assert (teacher.layers, teacher.hidden, student.layers, student.hidden) == (4, 1000, 2, 500)
-    # Kim & Rush (2016), Table 1: 221m teacher and 84m student parameters with 50k vocabularies.
-    # Built on the meta device: shapes only, no memory.
-    with torch.device("meta"):
-        n_teacher = M.count_params(M.Seq2Seq(teacher)) / 1e6
-        n_student = M.count_params(M.Seq2Seq(student)) / 1e6
-    assert abs(n_teacher - 221) < 1 and abs(n_student - 84) < 1, (n_teacher, n_student)
+def test_save_checkpoint_leaves_only_the_file(tmp_path):
+    M.save_checkpoint({"format": "seqkd", "model": {}}, tmp_path / "sub" / "a.pt")
+    M.save_checkpoint({"format": "seqkd", "model": {"w": torch.ones(2)}}, tmp_path / "sub" / "a.pt")
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.pt"]
+    assert torch.equal(M.load_checkpoint(str(tmp_path / "sub" / "a.pt"))["model"]["w"], torch.ones(2))
+
+
+def test_masks_are_stored_as_names_and_read_as_the_zeros(tmp_path):
+    w = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    keep = w != 0
+    M.save_checkpoint({"format": "seqkd", "model": {"w": w, "b": torch.zeros(2)}, "masks": {"w": keep}},
+                      tmp_path / "p.pt")
+    assert torch.load(tmp_path / "p.pt", weights_only=True)["masks"] == ["w"]
+    loaded = M.load_checkpoint(str(tmp_path / "p.pt"))
+    assert list(loaded["masks"]) == ["w"] and torch.equal(loaded["masks"]["w"], keep)
+    assert M.pruning_masks({"model": {"w": w}}) == {}
+    torch.save({"format": "seqkd", "model": {"w": w}, "masks": {"w": keep}}, tmp_path / "old.pt")
+    assert torch.equal(M.load_checkpoint(str(tmp_path / "old.pt"))["masks"]["w"], keep)
+    with pytest.raises(ValueError, match="not 0.0"):         # a pruned weight that is not zero
+        M.save_checkpoint({"format": "seqkd", "model": {"w": w}, "masks": {"w": ~keep}}, tmp_path / "x.pt")
+    torch.save({"format": "seqkd", "model": {"w": w}, "masks": ["v"]}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="pruning mask v"):
+        M.load_checkpoint(str(tmp_path / "bad.pt"))
+
+
+def test_load_checkpoint_densifies_a_sparse_file(tmp_path):
+    sparse = {"format": "seqkd-sparse", "arch": "lstm", "config": {"hidden": 2}, "vocab": {"src": 1},
+              "tensors": {"w": {"shape": [2, 2], "index": torch.tensor([1, 2], dtype=torch.int32),
+                                "value": torch.tensor([5.0, 6.0])}, "b": torch.ones(2)}}
+    M.save_checkpoint(sparse, tmp_path / "s.pt")
+    ckpt = M.load_checkpoint(str(tmp_path / "s.pt"))
+    assert ckpt["format"] == "seqkd" and ckpt["arch"] == "lstm" and ckpt["config"] == {"hidden": 2}
+    assert ckpt["vocab"] == {"src": 1} and list(ckpt["model"]) == ["w", "b"]
+    assert torch.equal(ckpt["model"]["w"], torch.tensor([[0.0, 5.0], [6.0, 0.0]]))
+    assert torch.equal(ckpt["model"]["b"], torch.ones(2))
+    assert ckpt["masks"]["w"].tolist() == [[False, True], [True, False]] and list(ckpt["masks"]) == ["w"]
+
+
+def test_model_reexports_the_models_and_presets():
+    assert (M.LSTMConfig, M.PRESETS, M.Seq2Seq) == (lstm.LSTMConfig, lstm.PRESETS, lstm.Seq2Seq)
+    assert (M.T5Config, M.T5_PRESETS, M.T5Model) == (t5.T5Config, t5.T5_PRESETS, t5.T5Model)
+    assert M.ARCHS == {"lstm": (lstm.LSTMConfig, lstm.Seq2Seq), "t5": (t5.T5Config, t5.T5Model)}
+    assert not hasattr(lstm, "save_checkpoint") and not hasattr(t5, "save_checkpoint")

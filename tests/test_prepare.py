@@ -1,4 +1,4 @@
-"""Tests for `python data.py prepare` (data.py section 7), without the internet.
+"""Tests for `python prepare.py` (prepare.py), without the internet.
 
 A small HTTP server on 127.0.0.1 (a free port, in a thread) serves fixture files the tests
 build in a temporary folder; it understands `Range: bytes=N-` requests (the standard library's
@@ -21,6 +21,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
+import prepare  # noqa: E402
 from data import UserError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -108,10 +109,10 @@ TOY_COUNTS = {"train": 40, "newstest2012": 3, "newstest2013": 2, "newstest2014":
 @pytest.fixture
 def small_wmt14(server, monkeypatch):
     """The real wmt14-en-de entry with the line counts of small fixture files, served."""
-    real = data.CORPORA["wmt14-en-de"]
+    real = prepare.CORPORA["wmt14-en-de"]
     files = tuple(replace(f, lines=TOY_COUNTS[f.name.rsplit(".", 1)[0]])
                   if f.lines is not None else f for f in real.files)
-    monkeypatch.setitem(data.CORPORA, "wmt14-en-de", replace(real, files=files))
+    monkeypatch.setitem(prepare.CORPORA, "wmt14-en-de", replace(real, files=files))
     for stem, n in TOY_COUNTS.items():
         for lang in ("en", "de"):
             (server.root / f"{stem}.{lang}").write_text(lines_of(lang, stem, n))
@@ -128,7 +129,7 @@ def small_wmt14(server, monkeypatch):
 
 
 def test_corpus_table_is_consistent():
-    for name, corpus in data.CORPORA.items():
+    for name, corpus in prepare.CORPORA.items():
         by_name = {f.name: f for f in corpus.files}
         assert set(corpus.splits) == {"train", "valid", "test"}, name
         for stems in corpus.splits.values():
@@ -136,7 +137,7 @@ def test_corpus_table_is_consistent():
                 for lang in (corpus.src, corpus.tgt):
                     assert by_name[f"{stem}.{lang}"].lines > 0      # every split file is checked
         assert corpus.base_url.startswith("https://")
-    wmt = data.CORPORA["wmt14-en-de"]
+    wmt = prepare.CORPORA["wmt14-en-de"]
     assert wmt.splits["valid"] == ["newstest2012", "newstest2013"]
     assert {f.name: f.lines for f in wmt.files}["train.de"] == 4_468_840
 
@@ -146,7 +147,7 @@ def test_count_lines_matches_read_lines(tmp_path):
         path = tmp_path / "f.txt"
         path.write_text(content)
         expected = len(data.read_lines(path)) if content.strip() else content.count("\n")
-        assert data.count_lines(path) == expected, content
+        assert prepare.count_lines(path) == expected, content
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def test_multi30k_with_its_real_table_end_to_end(server, tmp_path):
         for lang in ("en", "de"):
             (server.root / f"{stem}.{lang}.gz").write_bytes(gzip.compress(lines_of(lang, stem, n).encode()))
     out = tmp_path / "m30k"
-    written = data.prepare_corpus("multi30k", str(out), mirror=server.url, progress=False)
+    written = prepare.prepare_corpus("multi30k", str(out), mirror=server.url, progress=False)
 
     assert {split: n for split, (_, _, n) in written.items()} == {"train": 29_000, "valid": 1_014,
                                                                   "test": 1_000}
@@ -174,13 +175,13 @@ def test_multi30k_with_its_real_table_end_to_end(server, tmp_path):
 
     # A second run downloads nothing: the files in raw/ are checked and reused.
     server.requests.clear()
-    data.prepare_corpus("multi30k", str(out), mirror=server.url, progress=False)
+    prepare.prepare_corpus("multi30k", str(out), mirror=server.url, progress=False)
     assert server.requests == []
 
 
 def test_wmt14_layout_valid_is_newstest2012_then_2013(small_wmt14, tmp_path, capsys):
     out = tmp_path / "wmt14"
-    written = data.prepare_corpus("wmt14-en-de", str(out), mirror=small_wmt14.url, progress=False)
+    written = prepare.prepare_corpus("wmt14-en-de", str(out), mirror=small_wmt14.url, progress=False)
     assert written["valid"] == (str(out / "valid.en"), str(out / "valid.de"), 5)
     assert (out / "valid.de").read_text() == lines_of("de", "newstest2012", 3) + lines_of("de", "newstest2013", 2)
     assert (out / "test.en").read_text() == lines_of("en", "newstest2014", 4)
@@ -195,7 +196,7 @@ def test_an_interrupted_download_resumes_from_its_part_file(small_wmt14, tmp_pat
     raw.mkdir(parents=True)
     (raw / "train.en.part").write_bytes(full[: len(full) // 2])  # what an earlier run had fetched
 
-    data.prepare_corpus("wmt14-en-de", str(tmp_path / "wmt14"), mirror=small_wmt14.url, progress=False)
+    prepare.prepare_corpus("wmt14-en-de", str(tmp_path / "wmt14"), mirror=small_wmt14.url, progress=False)
     assert ("/train.en", f"bytes={len(full) // 2}-") in small_wmt14.requests
     assert (tmp_path / "wmt14" / "train.en").read_bytes() == full
     assert not (raw / "train.en.part").exists()
@@ -206,14 +207,14 @@ def test_a_dropped_connection_keeps_the_part_and_the_rerun_finishes_it(small_wmt
     small_wmt14.cut.add("/train.de")
     with pytest.raises(UserError, match=r"download of .*/train\.de stopped after .* bytes; run the "
                                         r"same command again to resume it") as e:
-        data.prepare_corpus("wmt14-en-de", out, mirror=small_wmt14.url, progress=False)
+        prepare.prepare_corpus("wmt14-en-de", out, mirror=small_wmt14.url, progress=False)
     assert "\n" not in str(e.value)
     full = (small_wmt14.root / "train.de").read_bytes()
     part = Path(out) / "raw" / "train.de.part"
     assert part.read_bytes() == full[: len(full) // 2]
 
     small_wmt14.cut.clear()
-    data.prepare_corpus("wmt14-en-de", out, mirror=small_wmt14.url, progress=False)
+    prepare.prepare_corpus("wmt14-en-de", out, mirror=small_wmt14.url, progress=False)
     assert ("/train.de", f"bytes={len(full) // 2}-") in small_wmt14.requests
     assert (Path(out) / "train.de").read_bytes() == full
 
@@ -224,7 +225,7 @@ def test_a_server_that_ignores_range_sends_everything_again(small_wmt14, tmp_pat
     raw.mkdir(parents=True)
     (raw / "train.en.part").write_bytes(b"garbage that must not stay at the front")
     small_wmt14.no_range.add("/train.en")
-    data.prepare_corpus("wmt14-en-de", str(tmp_path / "wmt14"), mirror=small_wmt14.url, progress=False)
+    prepare.prepare_corpus("wmt14-en-de", str(tmp_path / "wmt14"), mirror=small_wmt14.url, progress=False)
     assert (tmp_path / "wmt14" / "train.en").read_bytes() == full
 
 
@@ -232,14 +233,14 @@ def test_a_complete_part_file_is_taken_when_the_server_says_416(small_wmt14, tmp
     raw = tmp_path / "wmt14" / "raw"
     raw.mkdir(parents=True)
     (raw / "train.en.part").write_bytes((small_wmt14.root / "train.en").read_bytes())
-    data.prepare_corpus("wmt14-en-de", str(tmp_path / "wmt14"), mirror=small_wmt14.url, progress=False)
+    prepare.prepare_corpus("wmt14-en-de", str(tmp_path / "wmt14"), mirror=small_wmt14.url, progress=False)
     assert (tmp_path / "wmt14" / "train.en").read_text() == lines_of("en", "train", 40)
 
 
 def test_a_wrong_line_count_is_reported(small_wmt14, tmp_path):
     (small_wmt14.root / "newstest2014.de").write_text(lines_of("de", "newstest2014", 5))   # 5, not 4
     with pytest.raises(UserError) as e:
-        data.prepare_corpus("wmt14-en-de", str(tmp_path / "w"), mirror=small_wmt14.url, progress=False)
+        prepare.prepare_corpus("wmt14-en-de", str(tmp_path / "w"), mirror=small_wmt14.url, progress=False)
     msg = str(e.value)
     assert f"{tmp_path / 'w' / 'raw' / 'newstest2014.de'} has 5 lines, expected 4" in msg
     assert "delete it and rerun" in msg and "\n" not in msg
@@ -249,7 +250,7 @@ def test_a_file_put_into_raw_by_hand_is_used(small_wmt14, tmp_path):
     raw = tmp_path / "wmt14" / "raw"
     raw.mkdir(parents=True)
     (raw / "train.en").write_text(lines_of("en", "by-hand", 40))
-    data.prepare_corpus("wmt14-en-de", str(tmp_path / "wmt14"), mirror=small_wmt14.url, progress=False)
+    prepare.prepare_corpus("wmt14-en-de", str(tmp_path / "wmt14"), mirror=small_wmt14.url, progress=False)
     assert "/train.en" not in small_wmt14.paths()
     assert (tmp_path / "wmt14" / "train.en").read_text() == lines_of("en", "by-hand", 40)
 
@@ -264,13 +265,13 @@ def test_a_tar_archive_member_is_extracted(server, tmp_path, monkeypatch):
                 info.size = len(blob)
                 archive.addfile(info, io.BytesIO(blob))
     (server.root / "toy.tgz").write_bytes(buffer.getvalue())
-    files = tuple(data.RemoteFile("toy.tgz", f"{stem}.{lang}", n, member=f"toy/{stem}.{lang}")
+    files = tuple(prepare.RemoteFile("toy.tgz", f"{stem}.{lang}", n, member=f"toy/{stem}.{lang}")
                   for stem, n in [("train", 6), ("dev", 2), ("test", 3)] for lang in ("xx", "yy"))
-    toy = data.Corpus(about="toy", base_url="https://example.invalid/", src="xx", tgt="yy",
+    toy = prepare.Corpus(about="toy", base_url="https://example.invalid/", src="xx", tgt="yy",
                       files=files, splits={"train": ["train"], "valid": ["dev"], "test": ["test"]},
                       tokenized=False)
-    monkeypatch.setitem(data.CORPORA, "toy", toy)
-    data.prepare_corpus("toy", str(tmp_path / "toy"), mirror=server.url, progress=False)
+    monkeypatch.setitem(prepare.CORPORA, "toy", toy)
+    prepare.prepare_corpus("toy", str(tmp_path / "toy"), mirror=server.url, progress=False)
     assert server.paths() == ["/toy.tgz"]                  # one download for all six files
     assert (tmp_path / "toy" / "valid.yy").read_text() == lines_of("yy", "dev", 2)
 
@@ -283,7 +284,7 @@ def test_a_tar_archive_member_is_extracted(server, tmp_path, monkeypatch):
 def test_an_unreachable_server_gives_one_line(tmp_path):
     url = closed_port_url()
     with pytest.raises(UserError) as e:
-        data.prepare_corpus("multi30k", str(tmp_path / "m"), mirror=url, progress=False)
+        prepare.prepare_corpus("multi30k", str(tmp_path / "m"), mirror=url, progress=False)
     msg = str(e.value)
     assert msg.startswith(f"could not reach {url}train.en.gz: ")
     assert msg.endswith(f"check your connection or download it by hand to "
@@ -294,19 +295,19 @@ def test_an_unreachable_server_gives_one_line(tmp_path):
 def test_a_missing_file_on_the_server_names_the_http_error(server, tmp_path):
     with pytest.raises(UserError, match=r"could not download http://127\.0\.0\.1:\d+/train\.en\.gz: "
                                         r"HTTP 404"):
-        data.prepare_corpus("multi30k", str(tmp_path / "m"), mirror=server.url, progress=False)
+        prepare.prepare_corpus("multi30k", str(tmp_path / "m"), mirror=server.url, progress=False)
 
 
 def test_cli_uses_seqkd_mirror_and_reports_errors_in_one_line(small_wmt14, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SEQKD_MIRROR", small_wmt14.url)
-    written = data.main(["prepare", "wmt14-en-de", "--out", str(tmp_path / "w"), "--no-progress"])
+    written = prepare.main(["wmt14-en-de", "--out", str(tmp_path / "w"), "--no-progress"])
     assert written["train"][2] == 40
 
     monkeypatch.setenv("SEQKD_MIRROR", closed_port_url())
     with pytest.raises(SystemExit) as e:
-        data.main(["prepare", "multi30k", "--out", str(tmp_path / "m"), "--no-progress"])
+        prepare.main(["multi30k", "--out", str(tmp_path / "m"), "--no-progress"])
     assert str(e.value).startswith("error: could not reach ") and "\n" not in str(e.value)
 
     with pytest.raises(SystemExit):                          # argparse: unknown corpus name
-        data.main(["prepare", "wmt99", "--out", str(tmp_path / "x")])
+        prepare.main(["wmt99", "--out", str(tmp_path / "x")])
     assert "invalid choice: 'wmt99'" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Tests for prune.py: the three schemes of See et al. (2016) on hand-made models with known
 weights, masks that survive training steps and checkpoints, the sparse export, and the CLI."""
+import os
 from dataclasses import asdict
 
 import pytest
@@ -8,7 +9,8 @@ import torch.nn as nn
 
 import model
 import prune
-from data import UserError
+import translate
+from data import SPECIALS, UserError, WordVocab
 
 SCHEMES = ["class-blind", "class-uniform", "class-distribution"]
 
@@ -252,7 +254,7 @@ def test_masks_survive_save_and_load(tmp_path):
 def test_sparse_export_round_trips(tmp_path):
     ckpt = pruned_checkpoint()
     prune.export_sparse(ckpt, tmp_path / "p.sparse.pt")
-    state = prune.load_sparse(str(tmp_path / "p.sparse.pt"))
+    state = model.load_checkpoint(str(tmp_path / "p.sparse.pt"))["model"]
     assert list(state) == list(ckpt["model"])
     for name, t in ckpt["model"].items():
         assert torch.equal(state[name], t) and state[name].dtype == t.dtype, name
@@ -262,6 +264,54 @@ def test_sparse_export_round_trips(tmp_path):
     assert entry["value"].numel() == int(ckpt["masks"]["generator.weight"].sum())
     assert isinstance(raw["tensors"]["generator.bias"], torch.Tensor)   # dense: not prunable
 
+
+def student_file(tmp_path):
+    """A tiny LSTM checkpoint with a word vocabulary of its 100 ids, no optimizer (as best.pt)."""
+    net, cfg = tiny_lstm()
+    vocab = WordVocab(SPECIALS + [f"w{i}" for i in range(100 - len(SPECIALS))]).to_dict()
+    model.save_checkpoint({"format": "seqkd", "arch": "lstm", "config": cfg, "model": net.state_dict(),
+                           "vocab": {"src": vocab, "tgt": vocab}, "optimizer": None},
+                          tmp_path / "student.pt")
+    return str(tmp_path / "student.pt")
+
+
+def test_translate_reads_the_sparse_export(tmp_path):
+    prune.main(["--ckpt", student_file(tmp_path), "--amount", "0.8", "--out", str(tmp_path / "p.pt"),
+                "--export", str(tmp_path / "p.sparse.pt")])
+    (tmp_path / "src.txt").write_text("w1 w2 w3\nw5 w8\n\nw13 w21 w34 w55 w89\n")
+    hyps = []
+    for name in ["p.pt", "p.sparse.pt"]:
+        translate.main(["--ckpt", str(tmp_path / name), "--src", str(tmp_path / "src.txt"), "--beam", "3",
+                        "--out", str(tmp_path / f"{name}.txt"), "--device", "cpu", "--no-progress"])
+        hyps.append((tmp_path / f"{name}.txt").read_text())
+    assert hyps[0] == hyps[1] and len(hyps[0].split()) > 4
+    dense, sparse = (model.load_checkpoint(str(tmp_path / name)) for name in ["p.pt", "p.sparse.pt"])
+    assert sparse["vocab"] == dense["vocab"] and sparse["config"] == dense["config"]
+    assert sparse["masks"].keys() == dense["masks"].keys()
+    assert all(torch.equal(sparse["masks"][n], m) for n, m in dense["masks"].items())
+
+
+def test_a_pruned_checkpoint_is_not_larger_than_the_unpruned_one(tmp_path):
+    student = student_file(tmp_path)
+    prune.main(["--ckpt", student, "--amount", "0.8", "--out", str(tmp_path / "p.pt")])
+    assert os.path.getsize(tmp_path / "p.pt") <= os.path.getsize(student)
+    raw = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert raw["masks"] == list(prune.prunable_weights(tiny_lstm()[0]))   # the names only
+    masks = model.load_checkpoint(str(tmp_path / "p.pt"))["masks"]         # derived: weight != 0
+    assert all(torch.equal(keep, raw["model"][n] != 0) for n, keep in masks.items())
+    N = sum(keep.numel() for keep in masks.values())
+    assert abs(sum(int((~keep).sum()) for keep in masks.values()) - 0.8 * N) <= 1
+
+
+def test_old_checkpoints_with_bool_masks_still_load_and_reprune(tmp_path):
+    ckpt = pruned_checkpoint(0.5)                      # "masks": {name: bool tensor}, as files had
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = model.load_checkpoint(str(tmp_path / "old.pt"))
+    assert all(torch.equal(loaded["masks"][n], m) for n, m in ckpt["masks"].items())
+    prune.main(["--ckpt", str(tmp_path / "old.pt"), "--amount", "0.8", "--out", str(tmp_path / "new.pt")])
+    new = model.load_checkpoint(str(tmp_path / "new.pt"))
+    assert new["masks"].keys() == ckpt["masks"].keys()
+    assert all((~ckpt["masks"][n] <= ~new["masks"][n]).all() for n in ckpt["masks"])  # only adds
 
 # ---------------------------------------------------------------------------------------------
 # Command line
@@ -294,7 +344,7 @@ def test_cli_prunes_reports_and_exports(tmp_path, capsys):
     assert f"{ratio:.1f}x fewer than the teacher" in printed
     assert summary["nonzero"] == model.count_params(net) - round(0.8 * N)
     assert summary["sparse_mb"] < summary["dense_mb"]
-    state = prune.load_sparse(str(tmp_path / "pruned.sparse.pt"))
+    state = model.load_checkpoint(str(tmp_path / "pruned.sparse.pt"))["model"]
     assert all(torch.equal(state[n], out["model"][n]) for n in out["model"])
 
 

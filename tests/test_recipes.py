@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-import beam
 import train
+import translate
 import kim_rush  # recipes/ is on sys.path (tests/conftest.py)
+import steps
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -82,15 +83,15 @@ def test_rerun_redoes_nothing_but_what_is_missing(smoke_run, monkeypatch):
         raise AssertionError(f"train.main called again: {argv}")
 
     calls = []
-    real_beam_main = beam.main
+    real_translate_main = translate.main
 
-    def beam_main(argv=None):
+    def translate_main(argv=None):
         assert "--report" in argv, f"a finished translation was redone: {argv}"
         calls.append(argv)
-        return real_beam_main(argv)
+        return real_translate_main(argv)
 
     monkeypatch.setattr(train, "main", no_training)
-    monkeypatch.setattr(beam, "main", beam_main)
+    monkeypatch.setattr(translate, "main", translate_main)
     recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])
     assert len(calls) == 1 and str(run_dir / "student_seqkd" / "best.pt") in calls[0]
     assert (run_dir / "table1.md").exists()
@@ -109,15 +110,15 @@ def test_a_step_another_live_process_runs_is_waited_for_not_run_twice(tmp_path, 
     def sleep(seconds):                  # the other process finishes while we wait
         (step / "done.json").write_text("{}")
 
-    monkeypatch.setattr(kim_rush.time, "sleep", sleep)
-    assert kim_rush.train_step("step", step, ["--x"]) == str(step / "best.pt")
+    monkeypatch.setattr(steps.time, "sleep", sleep)
+    assert steps.train_step("step", step, ["--x"]) == str(step / "best.pt")
     assert calls == []                                               # waited, did not train
 
     (step / "done.json").unlink()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (step / "running").write_text(dead.stdout.strip())               # a process that has ended
     (step / "last.pt").write_text("")
-    kim_rush.train_step("step", step, ["--x"])
+    steps.train_step("step", step, ["--x"])
     assert calls == [["--x", "--save-dir", str(step), "--resume"]]
     assert (step / "done.json").exists() and not (step / "running").exists()
 

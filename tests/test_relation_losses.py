@@ -1,4 +1,4 @@
-"""Tests of the attention-relation losses (kd_losses.py, section 4: MiniLM / MiniEnD).
+"""Tests of the attention-relation losses (relation_losses.py: MiniLM / MiniEnD).
 
 Hand-made query/key/value dicts in the format of T5Model.forward(..., return_qkv=True), checked
 against a hand computation and a loop-per-row reference; then tiny T5 models for gradients."""
@@ -9,9 +9,9 @@ import torch
 
 import model as M
 from data import BOS, PAD, UserError
-from kd_losses import (RELATION_RECIPES, RELATION_TERMS, check_relation_setup,
-                       parse_relation_terms, relation, relation_kd_loss, relation_term_loss,
-                       word_kd_loss)
+from kd_losses import word_kd_loss
+from relation_losses import (RELATION_RECIPES, RELATION_TERMS, check_relation_setup, parse_relation_terms,
+                             relation, relation_kd_loss, relation_term_loss)
 
 
 def fake_qkv(seed, heads, d_kv, src_lengths, tgt_lengths, layers=2):

@@ -1,4 +1,4 @@
-"""Tests of the T5-like model (model.py, section 2b): relative-position buckets, RMS norm, the
+"""Tests of the T5-like model (t5.py): relative-position buckets, RMS norm, the
 tied output layer, T5's initialisation, padding invariance, the key/value cache, the recorded
 queries/keys/values, config errors, checkpoints, and beam search on it. Tiny models, seeded."""
 import dataclasses
@@ -9,21 +9,15 @@ import torch
 
 import beam
 import model as M
+import t5
 from data import BOS, EOS, PAD, UserError
+from test_lstm import assert_padding_is_invisible, assert_steps_equal_forward, padded
 
 
 def tiny_t5(seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = M.make_config("t5", "t5-tiny", src_vocab=13, tgt_vocab=13, **overrides)
-    return M.T5Model(cfg).eval()
-
-
-def padded(rows, length):
-    """Token rows -> (B, length) PAD-padded tensor and its mask."""
-    x = torch.full((len(rows), length), PAD)
-    for i, r in enumerate(rows):
-        x[i, :len(r)] = torch.tensor(r)
-    return x, x != PAD
+    return t5.T5Model(cfg).eval()
 
 
 SRC = [[5, 6, 7, 8, 9, 10], [4, 12, 7]]
@@ -35,7 +29,7 @@ TGT_IN = [[BOS, 5, 6, 7, 8], [BOS, 9, 10]]
 # ---------------------------------------------------------------------------------------------
 
 def buckets(distances, bidirectional):
-    return M.relative_position_bucket(torch.tensor(distances), bidirectional, 32, 128).tolist()
+    return t5.relative_position_bucket(torch.tensor(distances), bidirectional, 32, 128).tolist()
 
 
 def test_bidirectional_buckets_hand_values():
@@ -71,7 +65,7 @@ def test_position_bias_depends_only_on_the_distance():
 
 
 def test_rms_norm_hand_vector():
-    norm = M.RMSNorm(2, eps=0.0)
+    norm = t5.RMSNorm(2, eps=0.0)
     x = torch.tensor([3.0, 4.0])                  # mean of squares (9 + 16) / 2 = 12.5
     r = math.sqrt(12.5)
     torch.testing.assert_close(norm(x), torch.tensor([3 / r, 4 / r]))
@@ -79,10 +73,10 @@ def test_rms_norm_hand_vector():
         norm.weight.copy_(torch.tensor([2.0, 0.5]))
     torch.testing.assert_close(norm(x), torch.tensor([6 / r, 2 / r]))
     # no mean subtraction (LayerNorm would give zeros here), no bias parameter
-    torch.testing.assert_close(M.RMSNorm(2, eps=0.0)(torch.tensor([1.0, 1.0])), torch.ones(2))
+    torch.testing.assert_close(t5.RMSNorm(2, eps=0.0)(torch.tensor([1.0, 1.0])), torch.ones(2))
     assert [n for n, _ in norm.named_parameters()] == ["weight"]
     # the mean of squares is computed in float32: 300^2 + 400^2 overflows float16 (max 65504)
-    half = M.RMSNorm(2, eps=0.0)(torch.tensor([300.0, 400.0], dtype=torch.float16))
+    half = t5.RMSNorm(2, eps=0.0)(torch.tensor([300.0, 400.0], dtype=torch.float16))
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), torch.tensor([300 / 353.5534, 400 / 353.5534]),
                                rtol=2e-3, atol=0)
@@ -116,7 +110,7 @@ def test_no_bias_terms_anywhere():
 def test_initialisation_follows_t5():
     torch.manual_seed(0)
     cfg = M.make_config("t5", "t5-builtin", src_vocab=500, tgt_vocab=500)  # d_model 128, d_kv 32
-    m = M.T5Model(cfg)
+    m = t5.T5Model(cfg)
     D, dk, H, dff = 128, 32, 4, 512
     attn, ff = m.encoder[0].self_attn, m.encoder[0].ff
     expected = {"embed": (m.embed.weight, 1.0),
@@ -138,16 +132,9 @@ def test_cached_decoding_equals_full_forward(overrides):
     m = tiny_t5(**overrides)
     src, src_mask = padded(SRC, 6)
     tgt_in, _ = padded(TGT_IN, 5)
-    with torch.no_grad():
-        logits, attn = m(src, src_mask, tgt_in)                         # (B, T, V), (B, T, S)
-        full = torch.log_softmax(logits, -1)
-        state = m.start(src, src_mask)
-        for t in range(tgt_in.size(1)):
-            logp, a, state = m.step(tgt_in[:, t], state)
-            assert logp.dtype == torch.float32
-            torch.testing.assert_close(logp, full[:, t], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(a, attn[:, t], rtol=1e-5, atol=1e-6)
-            assert state["dec0.self_k"].shape == (2, 2, t + 1, 8)       # the cache grows
+    states = assert_steps_equal_forward(m, src, src_mask, tgt_in)
+    for t, state in enumerate(states):
+        assert state["dec0.self_k"].shape == (2, 2, t + 1, 8)           # the cache grows
     # ... and the cache is batch-first: reorder picks rows of every entry
     new = m.reorder(state, torch.tensor([1, 1, 0]))
     assert all(v.shape[0] == 3 for v in new.values())
@@ -155,19 +142,8 @@ def test_cached_decoding_equals_full_forward(overrides):
 
 
 def test_padding_does_not_change_a_sentences_outputs():
-    m = tiny_t5()
-    alone_src, alone_mask = padded(SRC[1:], 3)
-    alone_tgt, _ = padded(TGT_IN[1:], 3)
-    batch_src, batch_mask = padded(SRC, 9)           # extra padding beyond the longest sentence
-    batch_tgt, _ = padded(TGT_IN, 7)
-    with torch.no_grad():
-        alone, a_alone = m(alone_src, alone_mask, alone_tgt)
-        batch, a_batch = m(batch_src, batch_mask, batch_tgt)
-    torch.testing.assert_close(batch[1, :3], alone[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a_batch[1, :3, :3], a_alone[0], rtol=1e-5, atol=1e-6)
-    # cross-attention never looks at padding, and sums to one over the real source words
-    assert torch.all(a_batch[1, :, 3:] == 0)
-    torch.testing.assert_close(a_batch.sum(-1), torch.ones(2, 7))
+    # extra padding beyond the longest sentence; the attention checked is the cross-attention
+    assert_padding_is_invisible(tiny_t5(), SRC, TGT_IN, src_len=9, tgt_len=7)
 
 
 def test_bos_is_read_as_the_pad_start_token():
@@ -259,7 +235,7 @@ def test_checkpoint_round_trip(tmp_path):
     M.save_checkpoint({"format": "seqkd", "arch": "t5", "config": dataclasses.asdict(m.cfg),
                        "model": m.state_dict()}, path)
     m2 = M.model_from_checkpoint(M.load_checkpoint(str(path)))
-    assert isinstance(m2, M.T5Model) and len(m2.decoder) == 1
+    assert isinstance(m2, t5.T5Model) and len(m2.decoder) == 1
     src, src_mask = padded(SRC, 6)
     tgt_in, _ = padded(TGT_IN, 5)
     with torch.no_grad():

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import beam
 import train
+import translate
 from model import load_checkpoint
 import t5_distill  # recipes/ is on sys.path (tests/conftest.py)
 
@@ -76,7 +76,7 @@ def test_rerun_redoes_nothing(smoke_run, monkeypatch):
         raise AssertionError(f"a finished step was run again: {argv}")
 
     monkeypatch.setattr(train, "main", nothing)
-    monkeypatch.setattr(beam, "main", nothing)
+    monkeypatch.setattr(translate, "main", nothing)
     assert recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])["rows"]
 
 

@@ -1,21 +1,26 @@
-"""Tests of train.py: tiny models on 80 synthetic sentence pairs, a few steps each.
+"""Tests of train.py (and its flags): tiny models on 80 synthetic sentence pairs, a few steps each.
 
-The corpus: data.synthetic_corpus(80) as files, --batch-size 16, so one epoch is exactly 5
+The corpus: synthetic.synthetic_corpus(80) as files, --batch-size 16, so one epoch is exactly 5
 batches; --max-steps 8 therefore crosses an epoch end (evaluation, lr schedule) and a stop
 after 3 steps is in the middle of an epoch.
 """
-import argparse
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import data
-import kd_losses
 import prune
+import synthetic
 import train
+from flags import build_parser, resolve_defaults
 from model import load_checkpoint, model_from_checkpoint
 
 
@@ -25,7 +30,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     files = {}
     for split, n, seed in [("train", 80, 1), ("valid", 12, 2)]:
-        pairs = data.synthetic_corpus(n, seed=seed)
+        pairs = synthetic.synthetic_corpus(n, seed=seed)
         for side, k in [("src", 0), ("tgt", 1)]:
             path = root / f"{split}.{side}"
             path.write_text("".join(p[k] + "\n" for p in pairs))
@@ -41,6 +46,11 @@ def flags(corpus, save_dir, *extra):
 
 def log(save_dir):
     return [json.loads(line) for line in (save_dir / "log.jsonl").read_text().splitlines()]
+
+
+def without_times(records):
+    """Log rows without what a clock measures: the rest must repeat bit for bit."""
+    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in records]
 
 
 def assert_same_weights(path_a, path_b):
@@ -119,6 +129,21 @@ def test_checkpoint_loads_with_weights_only_and_holds_everything(straight):
     assert logits.shape == (1, 6, len(tgt_vocab))  # 5 words + EOS
 
 
+def test_setup_train_loop_and_finish_are_train_in_three_calls(corpus, straight, tmp_path):
+    """train(args) is setup, train_loop and finish: called one by one they give the same run."""
+    parser = build_parser()
+    args = parser.parse_args(flags(corpus, tmp_path, *RESUME_FLAGS, "--max-steps", 8))
+    resolve_defaults(args)
+    run = train.setup(args)
+    assert (run.progress.step, run.progress.epoch, len(run.train_examples)) == (0, 1, 80)
+    stop = train.train_loop(run)
+    assert stop == "--max-steps 8" and run.progress.step == 8 and run.last_eval_step == 5
+    metrics = train.finish(run, stop)
+    assert metrics["step"] == 8 and run.last_eval_step == 8
+    assert_same_weights(straight / "last.pt", tmp_path / "last.pt")
+    assert [r["valid_ppl"] for r in log(tmp_path)] == [r["valid_ppl"] for r in log(straight)]
+
+
 # ---- resume -----------------------------------------------------------------------------------
 
 
@@ -158,6 +183,117 @@ def test_ctrl_c_saves_the_position_and_resume_continues_identically(corpus, stra
     assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["step"]) == (1, 4, 4)
     train.main(flags(corpus, tmp_path, *RESUME_FLAGS, "--max-steps", 8, "--resume"))
     assert_same_weights(straight / "last.pt", tmp_path / "last.pt")
+
+
+def test_save_every_writes_last_pt_on_its_own_clock(corpus, tmp_path, monkeypatch):
+    # a clock of 4 minutes a step: the default --save-every 10 saves after step 3 (12 min), the epoch-end
+    # evaluation at step 5 (20 min), then step 8 (32 min), the end at step 9; --save-every 0: 5 and 9
+    monkeypatch.setattr(train.Run, "elapsed", lambda run: 240.0 * run.progress.step)
+    real, saved = train.save_checkpoint, []
+
+    def save_checkpoint(ckpt, path):
+        if Path(path).name == "last.pt":
+            saved.append(ckpt["step"])
+        real(ckpt, path)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    train.main(flags(corpus, tmp_path / "default", "--max-steps", 9))
+    assert saved == [3, 5, 8, 9]
+    saved.clear()
+    train.main(flags(corpus, tmp_path / "0", "--max-steps", 9, "--save-every", 0))
+    assert saved == [5, 9]
+
+
+# A run that hangs in step 4, after --save-every 1e-9 (every step) wrote last.pt of step 3: kill -9 it there.
+HANG_IN_STEP_4 = """
+import sys, time
+import train
+real = train.train_step
+def train_step(run, idxs):
+    if run.progress.step == 3:
+        time.sleep(300)
+    return real(run, idxs)
+train.train_step = train_step
+train.main(sys.argv[1:])
+"""
+
+
+def test_resume_after_kill_9_mid_epoch_continues_identically(corpus, straight, tmp_path, capsys):
+    save_dir, output = tmp_path / "run", tmp_path / "output.txt"
+    argv = flags(corpus, save_dir, *RESUME_FLAGS, "--max-steps", 8, "--save-every", 1e-9)
+    with open(output, "w") as out:
+        killed = subprocess.Popen([sys.executable, "-c", HANG_IN_STEP_4, *argv], stdout=out, stderr=out,
+                                  cwd=Path(__file__).resolve().parent.parent, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while not ((save_dir / "last.pt").exists() and load_checkpoint(save_dir / "last.pt")["step"] == 3):
+            assert killed.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+            time.sleep(0.1)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    stopped = load_checkpoint(save_dir / "last.pt")
+    assert (stopped["epoch"], stopped["batch_in_epoch"], stopped["step"]) == (1, 3, 3)
+    assert stopped["running"]["tokens"] > 0 and set(stopped["running"]["part_sums"]) == {"loss"}
+    assert log(save_dir) == [] and (save_dir / ".lock").read_text() == f"{killed.pid}\n"  # a stale lock
+    capsys.readouterr()
+    train.main(["--save-dir", str(save_dir), "--resume"])
+    assert "taking over the stale lock" in capsys.readouterr().err
+    assert_same_weights(straight / "last.pt", save_dir / "last.pt")
+    resumed, reference = load_checkpoint(save_dir / "last.pt"), load_checkpoint(straight / "last.pt")
+    for name, state in reference["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], resumed["optimizer"]["state"][name]["exp_avg"])
+    # the training loss at step 5 counts steps 1-3 (from last.pt) and 4-5: the log repeats bit for bit
+    assert without_times(log(save_dir)) == without_times(log(straight))
+    assert not (save_dir / ".lock").exists()
+
+
+@pytest.mark.parametrize("crash", ["writing last.pt", "appending the log row"])
+def test_a_crash_between_checkpoint_and_log_row_loses_and_repeats_no_row(corpus, straight, tmp_path, monkeypatch,
+                                                                          crash):
+    # the machine goes down at the evaluation of step 8: in last.pt, or after it, before the log row
+    real_save, real_append = train.save_checkpoint, train.append_line
+
+    def save_checkpoint(ckpt, path):
+        if crash == "writing last.pt" and ckpt["step"] == 8 and Path(path).name == "last.pt":
+            raise OSError("the machine went down")
+        real_save(ckpt, path)
+
+    def append_line(path, line):
+        if crash == "appending the log row" and json.loads(line)["step"] == 8:
+            raise OSError("the machine went down")
+        real_append(path, line)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(train, "append_line", append_line)
+    with pytest.raises(OSError, match="went down"):
+        train.main(flags(corpus, tmp_path, *RESUME_FLAGS, "--max-steps", 8))
+    monkeypatch.undo()
+    assert [r["step"] for r in log(tmp_path)] == [5] and not (tmp_path / ".lock").exists()
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == (5 if crash == "writing last.pt" else 8)
+    train.main(["--save-dir", str(tmp_path), "--resume"])
+    assert without_times(log(tmp_path)) == without_times(log(straight))
+    assert_same_weights(straight / "last.pt", tmp_path / "last.pt")
+
+
+def test_a_second_run_on_a_folder_is_refused_and_the_lock_always_released(corpus, tmp_path, capsys):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live run
+    try:
+        (tmp_path / ".lock").write_text(f"{other.pid}\n")
+        with pytest.raises(SystemExit) as e:
+            train.main(flags(corpus, tmp_path, "--max-steps", 1))
+        assert str(e.value) == (f"error: the run folder {tmp_path} is in use by process {other.pid} (lock file "
+                                f"{tmp_path / '.lock'}): wait for it to end, or stop it")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]     # nothing written
+    finally:
+        other.kill()
+        other.wait()
+    train.main(flags(corpus, tmp_path, "--max-steps", 1))       # its lock is stale now: taken over
+    assert "taking over the stale lock" in capsys.readouterr().err
+    assert not (tmp_path / ".lock").exists() and (tmp_path / "last.pt").exists()
+    with pytest.raises(SystemExit, match="--optim adam: the run in"):      # a UserError during setup
+        train.main(["--save-dir", str(tmp_path), "--resume", "--optim", "adam"])
+    assert not (tmp_path / ".lock").exists()
 
 
 def test_resume_and_overwrite_errors(corpus, straight, tmp_path):
@@ -211,6 +347,25 @@ def test_word_kd_with_alpha_0_is_nll(corpus, teacher, tmp_path):
         torch.testing.assert_close(kd0["model"][name], w, rtol=1e-4, atol=1e-6)
 
 
+def test_word_kd_at_alpha_0_with_dropout_trains_exactly_the_baseline(corpus, teacher, tmp_path):
+    """Building the teacher draws no random number from the student's stream: at the same --seed both runs
+    get the same dropout masks, and with alpha 0 the same weights, bit for bit."""
+    for name, extra in [("nll", ["--vocab-from", teacher]), ("kd0", ["--teacher", teacher, "--kd-alpha", 0])]:
+        train.main(flags(corpus, tmp_path / name, "--dropout", 0.3, "--max-steps", 3, *extra))
+    assert_same_weights(tmp_path / "nll" / "last.pt", tmp_path / "kd0" / "last.pt")
+
+
+def test_a_vocabulary_of_other_text_is_warned_of_with_its_unknown_rate(corpus, straight, teacher, tmp_path, capsys):
+    train.main(flags(corpus, tmp_path / "own", "--vocab-from", straight / "last.pt", "--max-steps", 1))
+    assert "warning" not in capsys.readouterr().out          # built on this text: every word known
+    train.main(flags(corpus, tmp_path / "other", "--vocab-from", teacher, "--max-steps", 1))
+    _, tgt_vocab = data.vocabs_from_checkpoint(load_checkpoint(teacher))   # 26 of the 82 target words
+    targets = tgt_vocab.encode_batch(data.read_lines(corpus["--train-tgt"]))
+    rate = sum(ids.count(data.UNK) for ids in targets) / sum(map(len, targets))
+    assert rate > 0.05 and (f"warning: 0.0% of the training source tokens and {rate:.1%} of the target tokens are "
+                            f"<unk> in the vocabularies of --vocab-from {teacher}") in capsys.readouterr().out
+
+
 # ---- fine-tuning and pruning -----------------------------------------------------------------
 
 
@@ -236,6 +391,32 @@ def test_init_keeps_pruning_masks_through_training_and_resume(corpus, straight, 
             assert (w[~keep] == 0).all(), name                                    # pruned: exactly 0
             assert not torch.equal(w[keep], pruned["model"][name][keep]), name    # kept: trained
     assert load_checkpoint(run / "last.pt")["step"] == 7
+
+
+def test_clipping_counts_only_the_kept_weights_of_a_pruned_model(corpus, straight, tmp_path, monkeypatch):
+    ckpt = load_checkpoint(straight / "best.pt")
+    model = model_from_checkpoint(ckpt)
+    masks = prune.prune(model, 0.8)
+    prune.apply_masks(model, masks)
+    torch.save(dict(ckpt, model=model.state_dict(), masks=masks), tmp_path / "pruned.pt")
+    names, clip, seen = [name for name, _ in model.named_parameters()], torch.nn.utils.clip_grad_norm_, []
+
+    def recording_clip(parameters, max_norm, **kwargs):
+        params = list(parameters)
+        grads = {name: p.grad for name, p in zip(names, params)}
+        kept = torch.cat([g[masks[n]] if n in masks else g.flatten() for n, g in grads.items()]).norm()
+        pruned = torch.cat([g[~masks[n]] for n, g in grads.items() if n in masks])
+        norm = clip(params, max_norm, **kwargs)
+        seen.append((norm, kept, pruned, torch.cat([g.flatten() for g in grads.values()]).norm()))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    train.main(flags(corpus, tmp_path / "run", "--init", tmp_path / "pruned.pt", "--clip", 0.01, "--max-steps", 2))
+    assert len(seen) == 2
+    for norm, kept, pruned, clipped in seen:
+        assert (pruned == 0).all()                               # a pruned weight has no gradient
+        assert norm.item() == pytest.approx(kept.item(), rel=1e-6) and kept > 0.01
+        assert clipped.item() == pytest.approx(0.01, rel=1e-4)   # the kept weights' gradient, clipped
 
 
 def test_init_starts_from_the_weights_with_a_new_optimizer(corpus, straight, tmp_path):
@@ -268,175 +449,3 @@ def test_warmup_scales_the_first_steps_linearly(corpus, straight, tmp_path):
     torch.testing.assert_close(moved[4, 1], moved[0, 1] / 4, rtol=1e-4, atol=1e-7)
     with pytest.raises(SystemExit, match="--warmup must be 0"):
         train.main(flags(corpus, tmp_path / "bad", "--warmup", -1))
-
-
-# ---- the T5-like model, relation KD, span corruption, --normalize (issue 5) -------------------
-
-T5_FLAGS = ["--arch", "t5", "--preset", "t5-tiny", "--optim", "adam", "--lr", 0.01]
-
-
-@pytest.fixture(scope="module")
-def t5_teacher(corpus, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("t5_teacher")
-    train.main(flags(corpus, save_dir, *T5_FLAGS, "--max-steps", 20, "--eval-every", 5))
-    return save_dir
-
-
-def test_optimizer_defaults_by_architecture(corpus, t5_teacher):
-    """--optim: SGD lr 1.0 for the LSTM, Adafactor lr 1e-2 for T5, also when --init names a T5."""
-    parser = train.build_parser()
-    for extra, optim, lr in [([], "sgd", 1.0), (["--arch", "t5"], "adafactor", 0.01),
-                             (["--init", str(t5_teacher / "best.pt")], "adafactor", 0.01),
-                             (["--arch", "t5", "--optim", "adam"], "adam", 1e-3)]:
-        args = parser.parse_args([x for kv in corpus.items() for x in kv] + extra)
-        train.resolve_defaults(args)
-        assert (args.optim, args.lr) == (optim, lr), extra
-
-
-def test_adafactor_first_step_is_lr_times_the_weight_rms(corpus, t5_teacher, tmp_path):
-    """Adafactor (T5's optimizer) steps relative to a weight's size. On the first step its second
-    moment is g^2 itself, so a vector weight (not factored) moves by lr * RMS(w) * sign(g) per
-    element: each RMS norm scale (near 1) moves by exactly 0.01 * its RMS, whatever its gradient."""
-    start = load_checkpoint(t5_teacher / "best.pt")["model"]
-    train.main(flags(corpus, tmp_path, "--init", t5_teacher / "best.pt", "--optim", "adafactor", "--lr", 0.01,
-                     "--clip", 0, "--dropout", 0, "--max-steps", 1))
-    after = load_checkpoint(tmp_path / "last.pt")["model"]
-    scales = [k for k in start if "norm" in k]
-    assert len(scales) >= 4 and all(start[k].dim() == 1 for k in scales)
-    for k in scales:
-        rms = start[k].pow(2).mean().sqrt()
-        moved = (after[k] - start[k]).abs()
-        moved = moved[moved > 0]                    # (a weight whose gradient is exactly 0 stays)
-        assert len(moved) > 0.9 * start[k].numel(), k
-        torch.testing.assert_close(moved, torch.full_like(moved, 0.01 * rms.item()), rtol=1e-3, atol=1e-6)
-    # a matrix (factored second moment) moves by at most lr * RMS(W) (update clipping, d = 1):
-    # the small query weights move far less than the embedding. Adam would move both by ~lr.
-    for k in start:
-        if start[k].dim() == 2:
-            assert (after[k] - start[k]).pow(2).mean().sqrt() <= 0.01 * start[k].pow(2).mean().sqrt() * 1.001, k
-
-
-def test_t5_trains_with_a_joint_vocabulary_and_the_loss_falls(t5_teacher):
-    records = log(t5_teacher)
-    assert [r["step"] for r in records] == [5, 10, 15, 20]
-    losses = [r["train_loss"] for r in records]
-    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 0.5
-    assert records[-1]["valid_ppl"] < records[0]["valid_ppl"]
-    ckpt = load_checkpoint(t5_teacher / "best.pt")
-    assert ckpt["arch"] == "t5" and ckpt["config"]["share_embeddings"] and ckpt["config"]["d_model"] == 16
-    src_vocab, tgt_vocab = data.vocabs_from_checkpoint(ckpt)
-    assert src_vocab is tgt_vocab and data.sentinel_ids(src_vocab) == list(range(4, 104))  # 100 sentinels
-
-
-def test_beam_cli_translates_with_a_t5_checkpoint(corpus, t5_teacher, tmp_path, capsys):
-    import beam
-    out = tmp_path / "hyps.txt"
-    beam.main(["--ckpt", str(t5_teacher / "best.pt"), "--src", corpus["--valid-src"], "--ref", corpus["--valid-tgt"],
-               "--beam", "2", "--out", str(out), "--no-progress"])
-    hyps = out.read_text().splitlines()
-    assert len(hyps) == 12 and sum(bool(h) for h in hyps) >= 6
-    printed = capsys.readouterr()
-    assert "BLEU" in printed.out + printed.err   # the score against --ref
-
-
-def test_architecture_errors_are_one_line(corpus, straight, t5_teacher, tmp_path):
-    with pytest.raises(SystemExit, match=r"^error: --arch lstm, but --init .*best.pt is a t5 model: drop --arch"):
-        train.main(flags(corpus, tmp_path, "--arch", "lstm", "--init", t5_teacher / "best.pt"))
-    with pytest.raises(SystemExit, match=r"^error: --hidden is a flag of --arch lstm, but the model is t5"):
-        train.main(flags(corpus, tmp_path, *T5_FLAGS, "--hidden", 8))
-    with pytest.raises(SystemExit, match=r"^error: --kd relation .* the teacher .* is an lstm model"):
-        train.main(flags(corpus, tmp_path, *T5_FLAGS, "--teacher", straight / "best.pt", "--kd", "relation"))
-    with pytest.raises(SystemExit, match=r"^error: --kd-alpha is for --kd word"):
-        train.main(flags(corpus, tmp_path, "--teacher", t5_teacher / "best.pt", "--kd", "relation", "--kd-alpha", 0.5))
-
-
-def test_word_kd_from_a_t5_teacher_into_an_lstm(corpus, t5_teacher, tmp_path):
-    train.main(flags(corpus, tmp_path, "--teacher", t5_teacher / "best.pt", "--max-steps", 2, "--eval-every", 2))
-    record = log(tmp_path)[-1]
-    assert load_checkpoint(tmp_path / "last.pt")["arch"] == "lstm"
-    parts = record["train_parts"]  # the two terms of L = 0.5 L_WORD-KD + 0.5 L_NLL, per token
-    assert record["train_loss"] == pytest.approx(0.5 * parts["word_kd"] + 0.5 * parts["nll"], rel=1e-5)
-
-
-def first_batch(corpus, vocab_ckpt, batch_size=16, seed=3):
-    """The first training batch train.main builds with flags(corpus, ...)."""
-    src_vocab, tgt_vocab = data.vocabs_from_checkpoint(vocab_ckpt)
-    pairs, _ = data.clean_pairs(data.read_parallel(corpus["--train-src"], corpus["--train-tgt"]), max_len=50,
-                                src_vocab=src_vocab, tgt_vocab=tgt_vocab, verbose=False)
-    examples = data.encode_pairs(pairs, src_vocab, tgt_vocab)
-    batching = argparse.Namespace(batch_tokens=None, batch_size=batch_size, seed=seed)
-    return data.collate(examples, train.make_batches(examples, batching, shuffle=True, epoch=1)[0])
-
-
-def test_relation_kd_step_is_kd_losses_relation_kd_loss(corpus, t5_teacher, tmp_path):
-    # a T5 student half the teacher's width (inner 8 vs 16), one step of MiniEnD-D + NLL
-    teacher = t5_teacher / "best.pt"
-    train.main(flags(corpus, tmp_path / "s0", *T5_FLAGS, "--d-model", 8, "--d-kv", 4, "--teacher", teacher,
-                     "--max-steps", 1))
-    student0 = tmp_path / "s0" / "last.pt"
-    terms = "miniend-d,nll=0.5"
-    train.main(flags(corpus, tmp_path / "s1", "--init", student0, "--teacher", teacher, "--kd", "relation",
-                     "--relation-terms", terms, "--relation-heads", 4, "--max-steps", 1, "--eval-every", 1))
-    record = log(tmp_path / "s1")[0]
-
-    batch = first_batch(corpus, load_checkpoint(teacher))
-    student = model_from_checkpoint(load_checkpoint(student0))
-    teacher_model = model_from_checkpoint(load_checkpoint(teacher))
-    with torch.no_grad():
-        s_logits, _, s_qkv = student(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)
-        t_logits, _, t_qkv = teacher_model(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)
-    loss, parts = kd_losses.relation_kd_loss(s_qkv, t_qkv, kd_losses.parse_relation_terms(terms), 4,
-                                             student_logits=s_logits, teacher_logits=t_logits, target=batch.tgt_out)
-    assert record["train_loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert record["train_parts"].keys() == parts.keys() == {"logit", "nll", "dec-qq", "dec-kk", "dec-vv",
-                                                            "cross-qk", "cross-vv"}
-    for name, value in parts.items():
-        assert record["train_parts"][name] == pytest.approx(value.item(), rel=1e-5), name
-
-
-def test_normalize_sents_is_tokens_times_ntokens_over_sentences(corpus, straight, t5_teacher, tmp_path):
-    batch = first_batch(corpus, load_checkpoint(t5_teacher / "best.pt"))
-    B, ntokens = batch.src.size(0), batch.ntokens
-    assert ntokens / B > 5
-    student = model_from_checkpoint(load_checkpoint(t5_teacher / "best.pt"))
-    teacher = model_from_checkpoint(load_checkpoint(t5_teacher / "best.pt"))
-    for kd in [None, train.Distillation(teacher, "word", alpha=0.5),
-               train.Distillation(teacher, "relation", terms={"logit": 1.0, "enc-kk": 1.0}, relation_heads=2)]:
-        per_token, parts = train.compute_loss(student, batch, kd, normalize="tokens")
-        per_sentence, parts_sents = train.compute_loss(student, batch, kd, normalize="sents")
-        assert per_sentence.item() == pytest.approx(per_token.item() * ntokens / B, rel=1e-6)
-        assert parts_sents["loss"] == parts["loss"] == per_token          # the log stays per token
-    nll_sum, _ = kd_losses.nll_sum(student(batch.src, batch.src_mask, batch.tgt_in)[0], batch.tgt_out)
-    assert train.compute_loss(student, batch, None, "sents")[0].item() == pytest.approx(nll_sum.item() / B, rel=1e-6)
-
-    # through train.main: one SGD step without clipping moves the weights ntokens/B times as far
-    runs = {}
-    for how in ["tokens", "sents"]:
-        run = tmp_path / how
-        train.main(flags(corpus, run, "--init", t5_teacher / "best.pt", "--normalize", how, "--clip", 0,
-                         "--optim", "sgd", "--lr", 0.1, "--max-steps", 1, "--eval-every", 1))
-        after = load_checkpoint(run / "last.pt")["model"]
-        start = load_checkpoint(t5_teacher / "best.pt")["model"]
-        runs[how] = torch.cat([(after[k] - start[k]).flatten() for k in start])
-        assert log(run)[0]["train_loss"] == pytest.approx(log(tmp_path / "tokens")[0]["train_loss"], rel=1e-6)
-    assert runs["tokens"].abs().max() > 1e-3   # (float32 rounding of w + Δw is ~1e-7 |w|)
-    torch.testing.assert_close(runs["sents"], runs["tokens"] * ntokens / B, rtol=1e-3, atol=1e-5)
-
-
-def test_span_corruption_then_translation_with_init(corpus, straight, tmp_path, capsys):
-    # task-agnostic stage: span corruption of the training source only (no target files needed)
-    mono = ["--train-src", corpus["--train-src"], "--valid-src", corpus["--valid-src"]]
-    run = tmp_path / "span"
-    train.main(mono + ["--save-dir", str(run), *map(str, T5_FLAGS), "--span-corruption", "--batch-size", "16",
-                       "--max-steps", "6", "--eval-every", "3", "--threads", "1"])
-    out = capsys.readouterr().out
-    assert "joint (--span-corruption: one language), 100 of them sentinels" in out and "<X0>" in out
-    records = log(run)
-    assert [r["step"] for r in records] == [3, 6] and records[1]["train_loss"] < records[0]["train_loss"]
-    # then translation, from its weights and vocabulary
-    train.main(flags(corpus, tmp_path / "ft", "--init", run / "best.pt", "--max-steps", 1))
-    assert load_checkpoint(tmp_path / "ft" / "last.pt")["vocab"] == load_checkpoint(run / "best.pt")["vocab"]
-    # the LSTM vocabularies hold no sentinels
-    with pytest.raises(SystemExit, match=r"--span-corruption needs one joint vocabulary"):
-        train.main(mono + ["--save-dir", str(tmp_path / "x"), "--span-corruption", "--vocab-from",
-                           str(straight / "best.pt")])

@@ -1,0 +1,499 @@
+"""Train a sequence-to-sequence translator: one training loop for every recipe.
+
+    python train.py                                    # the built-in synthetic corpus, minutes on a CPU
+    python train.py --train-src train.en --train-tgt train.de \\
+                    --valid-src valid.en --valid-tgt valid.de --preset kim-rush-student
+    python train.py ... --teacher teacher.pt --kd-alpha 0.5    # Word-KD (Kim & Rush 2016, section 3.1)
+    python train.py ... --init student.pt --lr 0.1              # fine-tune (Seq-Inter, retrain a pruned model)
+    python train.py --resume --save-dir runs/NAME               # continue a stopped run exactly
+    python train.py ... --preset kim-rush-teacher               # the paper's size AND schedule (TRAIN_PRESETS)
+    torchrun --nproc_per_node 4 train.py ...                    # 4 GPUs (or processes), DistributedDataParallel
+    python train.py --arch t5                                   # the T5-like transformer (t5.py), Adafactor
+    python train.py --arch t5 --preset t5-student-small --teacher t5.pt --kd relation \
+                    --relation-terms miniend-d                  # MiniEnD-D: attention relations + logit KD
+    python train.py ... --span-corruption --mono text.txt       # T5 span corruption on unlabelled text
+
+One optimisation step, whatever the recipe:
+    loss = NLL                                 (or α·L_WORD-KD + (1-α)·L_NLL with --teacher,
+                                                or Σ w·L_term with --kd relation: MiniLM / MiniEnD)
+           divided by the target tokens of the batch (or by its sentences: --normalize sents)
+    loss.backward(); zero the pruned weights' gradients; clip the gradient norm to --clip; optimizer.step()
+    re-apply the pruning masks, if the model has any, so pruned weights stay exactly 0.
+Training on distilled data (Seq-KD, Seq-Inter) is this same loop with other --train-tgt files;
+task-agnostic distillation (MiniEnD) is this same loop on span-corruption examples
+(--span-corruption), and fine-tuning after it is --init. Both orders of a staged recipe (Seq-KD
+data first, then gold, or the reverse) are two commands: the second --init's the first's best.pt.
+
+Vocabularies. A new one is built from the training text, unless a checkpoint provides it. --arch t5 shares
+one embedding between source and target, so its vocabulary is joint (--src-vocab-size entries for both
+sides), and it reserves --sentinels entries "<X0>", "<X1>", ... (ids 4, 5, ...) for span corruption, so
+that translation and span-corruption models can share one vocabulary (a teacher and its students must).
+--span-corruption does the same for an LSTM.
+
+Every evaluation (each epoch, or every --eval-every steps) computes the validation perplexity and the
+BLEU of greedy decoding, writes SAVE_DIR/last.pt, then appends a line to SAVE_DIR/log.jsonl; SAVE_DIR/best.pt
+keeps the model with the best validation perplexity (--best-metric bleu: by BLEU). last.pt is also written
+every --save-every minutes (default 10), so a killed run loses little. --resume continues from last.pt to
+the same result an uninterrupted run gives: the batches of an epoch depend only on (--seed, epoch), and
+the checkpoint holds the optimizer, the learning-rate schedule, the random-number generators, the position
+inside the epoch and its running loss sums. SAVE_DIR/.lock keeps a second run out of the folder.
+
+Several GPUs: under `torchrun --nproc_per_node N` every process runs this same loop on 1/N of each batch
+(--batch-size and --batch-tokens are the size of the whole batch, over all processes, so the same flags
+give the same training on 1 or N GPUs); DistributedDataParallel adds up the gradients. Process 0
+evaluates, writes the checkpoints and the log, and prints (train.py, "Several processes").
+
+flags.py is this command line (this text is its --help): defaults, flags, and what the flags name.
+"""
+import argparse
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import data
+import kd_losses
+import span_corruption
+import synthetic
+from data import UserError
+from model import PRESETS, T5_PRESETS, load_checkpoint, make_config
+
+# 1. Defaults -----------------------------------------------------------------
+
+# model flags that override a field of the model's config (flag dest == config field name)
+MODEL_FIELDS = {"lstm": ["layers", "hidden", "emb_dim", "attention", "bidirectional", "input_feed", "dropout"],
+                "t5": ["layers", "dec_layers", "d_model", "heads", "d_kv", "d_ff", "ff", "dropout"]}
+# the preset when --preset is not given: (architecture, on the built-in corpus?) -> preset
+DEFAULT_PRESETS = {("lstm", True): "builtin", ("lstm", False): "kim-rush-student",
+                   ("t5", True): "t5-builtin", ("t5", False): "t5-student"}
+DEFAULT_EPOCHS = 10
+DEFAULT_SENTINELS = 100   # as T5's <extra_id_0> .. <extra_id_99>
+
+# The training schedule of a preset, applied by resolve_defaults to every flag not given (a flag given
+# always wins): that of --preset NAME, or on the built-in corpus that of the default preset ('builtin' /
+# 't5-builtin'). Without --preset on your own corpus: DEFAULT_PRESETS' model, TRAIN_DEFAULTS.
+#
+# The paper presets follow Kim & Rush (2016), whose "training details mirror Luong et al. (2015)", with
+# the values of their code (harvardnlp/seq2seq-attn, train.lua and preprocess.py defaults), which produced
+# the reported numbers: plain SGD, lr 1.0, 13 epochs, the lr halved after every epoch from epoch 9 on
+# (--decay-after 8) or when the validation perplexity rises, batches of 64 sentences of at most 50 words,
+# gradient norm clipped at 5, the loss summed over the tokens and divided by the sentences of the batch
+# (--normalize sents), 50k-word vocabularies; dropout 0.3 comes with the model preset (model.PRESETS).
+# (Luong et al. 2015, section 4.1, report 12 epochs halving after epoch 8, batches of 128 and dropout 0.2
+# for their own dropout models.) seq2seq-attn's plateau rule is sticky (once the perplexity rose it halves
+# every epoch); ours halves at each rise, which agrees with it whenever the rise comes after epoch 8.
+LUONG_SCHEDULE = dict(optim="sgd", lr=1.0, epochs=13, decay_after=8, decay_on_plateau=True,
+                      batch_size=64, max_len=50, clip=5.0, normalize="sents")
+KIM_RUSH_SCHEDULE = dict(LUONG_SCHEDULE, tokenizer="word", src_vocab_size=50000, tgt_vocab_size=50000)
+TRAIN_PRESETS = {
+    **dict.fromkeys(["kim-rush-teacher", "kim-rush-student", "kim-rush-student-small"], KIM_RUSH_SCHEDULE),
+    "iwslt-teacher": LUONG_SCHEDULE,    # the vocabulary: all words of a small corpus (up to 50k)
+    "iwslt-student": LUONG_SCHEDULE,
+    # The built-in corpus: a good model in minutes on a CPU (the ceiling of a model that picks the most
+    # frequent translation is ~85 BLEU). lstm: valid BLEU ~80 after 3 epochs. t5: Adafactor at 1e-2, valid
+    # greedy BLEU 78.3 after 2 epochs and 81.8 after 3, 25 s an epoch on one CPU thread; Adam (no warm-up)
+    # was at 40.5 after 3 epochs at lr 5e-4 and 80.7 only after 6.
+    "builtin": dict(optim="adam", lr=0.005, batch_size=32, epochs=3),
+    "t5-builtin": dict(optim="adafactor", lr=1e-2, batch_size=32, epochs=3),
+}
+# --optim. Adafactor is T5's optimizer (Raffel et al. 2020; Shazeer & Stern 2018): no momentum, a factored
+# second moment, and a step relative to the size of each weight matrix, RMS(W) * min(lr, 1/sqrt(step)).
+# With T5's initialisation (embeddings of standard deviation 1, query weights of (d_model * d_kv)^-0.5,
+# 0.008 at width 256 with heads of 64) that matters: Adam moves every weight by about lr per step,
+# whatever its scale, so the embeddings hardly move while the queries change fast.
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adafactor": torch.optim.Adafactor}
+DEFAULT_LR = {"sgd": 1.0, "adam": 1e-3, "adafactor": 1e-2}   # Luong et al.; Adam's own; T5's
+# The defaults of the flags a training preset may set, for every flag neither given nor preset.
+# --optim itself defaults by architecture: SGD for the LSTM (Luong et al.), Adafactor for T5.
+TRAIN_DEFAULTS = dict(batch_size=64, max_len=50, clip=5.0, normalize="tokens",
+                      tokenizer="word", decay_on_plateau=False)
+DEFAULT_OPTIM = {"lstm": "sgd", "t5": "adafactor"}
+# The numeric flags' ranges, checked before anything is read: (the range in words, its test, the flags).
+# (The --relation-*-layer flags depend on the models: kd_losses.make_distillation checks them.)
+NUMBER_RANGES = [
+    ("a positive number", lambda x: x > 0, "batch_size batch_tokens max_len epochs max_steps eval_every threads "
+                                           "relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff"),
+    ("positive and finite", lambda x: 0 < x < math.inf, "lr kd_temperature mean_span_length time_limit"),
+    ("0 or more", lambda x: x >= 0, "sentinels decay_after"),
+    ("0 or more and finite", lambda x: 0 <= x < math.inf, "weight_decay clip"),
+    ("0 (none) or a number of steps", lambda x: x >= 0, "warmup"),
+    ("in [0, 1)", lambda x: 0 <= x < 1, "dropout"),
+    ("in [0, 1]", lambda x: 0 <= x <= 1, "kd_alpha"),
+    ("in (0, 1]", lambda x: 0 < x <= 1, "lr_decay"),
+    ("between 0 and 1", lambda x: 0 < x < 1, "noise_density"),
+    ("in [0, 2^32)", lambda x: 0 <= x < 2 ** 32, "seed"),
+]
+
+
+# 2. Flags --------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of train.py's flags; --help shows this file's docstring, then the flags."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_flags(parser)
+    add_model_and_optimisation_flags(parser)
+    add_evaluation_checkpoint_and_distillation_flags(parser)
+    return parser
+
+
+def add_data_flags(parser) -> None:
+    """The data and the vocabularies; --span-corruption."""
+    g = parser.add_argument_group("data (give none of the file flags to train on the built-in synthetic corpus)")
+    g.add_argument("--train-src", metavar="FILE", help="training source sentences, one per line")
+    g.add_argument("--train-tgt", metavar="FILE", help="training target sentences, line-aligned with --train-src "
+                   "(a distilled corpus for Seq-KD / Seq-Inter is just another --train-tgt)")
+    g.add_argument("--valid-src", metavar="FILE", help="validation source (perplexity and BLEU at every evaluation)")
+    g.add_argument("--valid-tgt", metavar="FILE", help="validation target (the BLEU references)")
+    g.add_argument("--test-src", metavar="FILE", help="optional test source: the best model is scored on it at the end")
+    g.add_argument("--test-tgt", metavar="FILE", help="optional test target")
+    g.add_argument("--tokenizer", choices=["word", "spm"],
+                   help="word: whitespace tokens, the N most frequent kept, the rest <unk>; "
+                        "spm: a sentencepiece model trained on the training text (default: word)")
+    g.add_argument("--src-vocab-size", type=int, metavar="N",
+                   help="source vocabulary size incl. the 4 specials (default: 50000 for word, 8000 for spm)")
+    g.add_argument("--tgt-vocab-size", type=int, metavar="N", help="target vocabulary size (same defaults)")
+    g.add_argument("--joint-vocab", action="store_true", help="one vocabulary for both sides, of "
+                   "--src-vocab-size entries (always so with --arch t5 and --span-corruption)")
+    g.add_argument("--sentinels", type=int, metavar="N", help="reserve N vocabulary entries <X0> .. <X{N-1}> "
+                   f"for span corruption, within --src-vocab-size (default: {DEFAULT_SENTINELS} with --arch "
+                   "t5 or --span-corruption, else 0)")
+    g.add_argument("--vocab-from", metavar="CKPT", help="reuse a checkpoint's vocabularies instead of "
+                   "building new ones (automatic with --teacher, --init and --resume)")
+    g.add_argument("--max-len", type=int, metavar="N",
+                   help="drop training pairs with a side longer than N tokens (default: 50, as Luong et al.)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="sentences per batch, over all processes "
+                   "under torchrun (default: 64; 32 on the built-in corpus)")
+    g.add_argument("--batch-tokens", type=int, metavar="N", help="instead of --batch-size: at most N padded "
+                   "source+target tokens per batch (over all processes under torchrun)")
+    g.add_argument("--span-corruption", action="store_true", help="train on T5 span-corruption examples "
+                   "(Raffel et al. 2020) of monolingual text instead of translation pairs: --mono FILE, else "
+                   "the training source side; validation on the validation source side; no target files. For "
+                   "task-agnostic distillation (MiniEnD) before fine-tuning with --init; a model to be "
+                   "fine-tuned on translation needs a vocabulary of both languages: --mono text of both, or "
+                   "--vocab-from a translation model")
+    g.add_argument("--mono", metavar="FILE", help="with --span-corruption: the unlabelled text, one sentence per line")
+    g.add_argument("--noise-density", type=float, default=0.15, metavar="F",
+                   help="span corruption: the fraction of tokens dropped (default: %(default)s, as T5)")
+    g.add_argument("--mean-span-length", type=float, default=3.0, metavar="F",
+                   help="span corruption: the mean length of a dropped span (default: %(default)s, as T5)")
+
+
+def add_model_and_optimisation_flags(parser) -> None:
+    """The model (--arch, --preset, the fields of MODEL_FIELDS); the optimizer, its schedule, when to stop."""
+    g = parser.add_argument_group("model (a preset, then single fields overridden by flags)")
+    g.add_argument("--arch", choices=["lstm", "t5"], help="model family: the LSTM of Luong et al. (2015) or "
+                   "the T5-like transformer (default: lstm, or the architecture of --init)")
+    g.add_argument("--preset", metavar="NAME", help=f"model size; lstm: {', '.join(PRESETS)}; t5: "
+                   f"{', '.join(T5_PRESETS)} (default: 'builtin' / 't5-builtin' on the built-in corpus, else "
+                   "'kim-rush-student' / 't5-student'). A preset with a training schedule "
+                   f"({', '.join(TRAIN_PRESETS)}) also sets the optimisation flags not given; the paper "
+                   "presets as Kim & Rush (2016): SGD lr 1.0, 13 epochs halving after epoch 8 or on a "
+                   "perplexity rise, batch 64, max length 50, clip 5, --normalize sents, 50k words")
+    g.add_argument("--layers", type=int, metavar="N", help="layers in the encoder and in the decoder (lstm, t5)")
+    g.add_argument("--dropout", type=float, metavar="P", help="dropout probability (lstm, t5)")
+    g.add_argument("--hidden", type=int, metavar="N", help="lstm: hidden size")
+    g.add_argument("--emb-dim", type=int, metavar="N", help="lstm: word embedding size")
+    g.add_argument("--attention", choices=["dot", "general", "concat"],
+                   help="lstm: the attention score of Luong et al. (2015)")
+    g.add_argument("--bidirectional", action="store_true", default=None, help="lstm: bidirectional encoder")
+    g.add_argument("--no-input-feed", dest="input_feed", action="store_false", default=None,
+                   help="lstm: do not feed the previous attentional state h~ into the decoder input")
+    g.add_argument("--d-model", type=int, metavar="N", help="t5: the width of the residual stream")
+    g.add_argument("--heads", type=int, metavar="N", help="t5: attention heads")
+    g.add_argument("--d-kv", type=int, metavar="N", help="t5: the width of one attention head")
+    g.add_argument("--d-ff", type=int, metavar="N", help="t5: the inner width of the feed-forward blocks")
+    g.add_argument("--ff", choices=["relu", "gated-gelu"], help="t5: feed-forward of T5 v1.0 (relu) or v1.1")
+    g.add_argument("--dec-layers", type=int, metavar="N", help="t5: decoder layers (default: --layers)")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--optim", choices=sorted(OPTIMIZERS), help="SGD (Luong et al., Kim & Rush), Adam, or "
+                   "Adafactor (T5; Shazeer & Stern 2018: steps relative to each weight's size, at most --lr) "
+                   "(default: sgd for lstm, adafactor for t5; adam for the lstm on the built-in corpus)")
+    g.add_argument("--lr", type=float, help="learning rate (default: 1.0 for sgd, 0.001 adam, 0.01 adafactor)")
+    g.add_argument("--decay-after", type=int, metavar="N", help="halve the learning rate at the end of every "
+                   "epoch after epoch N (Luong et al.; with any --optim)")
+    g.add_argument("--decay-on-plateau", action=argparse.BooleanOptionalAction,
+                   help="halve the learning rate when the validation perplexity rises from one evaluation to the "
+                        "next (default: off; on with the paper presets)")
+    g.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="raise the learning rate linearly "
+                   "from lr/STEPS to lr over STEPS steps (Vaswani et al. 2017) (default: %(default)s, none)")
+    g.add_argument("--lr-decay", type=float, default=0.5, metavar="F",
+                   help="factor of each decay (default: %(default)s, i.e. halve)")
+    g.add_argument("--weight-decay", type=float, default=0.0, metavar="W",
+                   help="L2 weight decay (default: %(default)s)")
+    g.add_argument("--normalize", choices=["tokens", "sents"], help="divide each batch's summed loss by its "
+                   "target tokens, or by its sentences as Luong et al. and Kim & Rush's code (steps ~ mean "
+                   "target length times larger: their SGD lr 1.0 assumes it) (default: tokens; sents with "
+                   "the paper presets)")
+    g.add_argument("--clip", type=float, metavar="NORM",
+                   help="rescale the gradient when its global norm exceeds NORM; 0 = off (default: 5)")
+    g.add_argument("--epochs", type=int, metavar="N",
+                   help=f"passes over the training data (default: {DEFAULT_EPOCHS}, or no limit with --max-steps)")
+    g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total")
+    g.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop after the step that ends past "
+                   "MINUTES of training (counted over --resume), then evaluate and save as at a normal end")
+    g.add_argument("--seed", type=int, default=1, metavar="N", help="seeds the initialisation, the batch "
+                   "order and dropout (default: %(default)s)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--device", default="auto", metavar="NAME", help="auto (cuda when present), cpu, cuda or "
+                   "cuda:N (default: %(default)s); on CUDA the forward pass runs in bf16 autocast")
+
+
+def add_evaluation_checkpoint_and_distillation_flags(parser) -> None:
+    """Evaluation; the checkpoints (--save-dir, --resume, --init); --teacher and distillation."""
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, metavar="STEPS",
+                   help="evaluate every STEPS optimizer steps (default: at the end of every epoch)")
+    g.add_argument("--bleu-tokenize", default="13a", metavar="TOK", help="sacrebleu tokenizer: 13a for raw "
+                   "text, none for pre-tokenized corpora (the paper's tokenized BLEU) (default: %(default)s)")
+    g.add_argument("--best-metric", choices=["ppl", "bleu"], default="ppl", help="what best.pt is chosen by: "
+                   "validation perplexity, or greedy BLEU (better for Seq-KD students, whose perplexity on "
+                   "the references rises while BLEU improves) (default: %(default)s)")
+
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--name", help="run name (default: 'builtin', or the name of --train-src without extension)")
+    g.add_argument("--save-dir", metavar="DIR", help="where best.pt, last.pt and log.jsonl go (default: runs/NAME)")
+    g.add_argument("--resume", action="store_true", help="continue the run saved in SAVE_DIR/last.pt; its "
+                   "flags are reused, flags given now override them (e.g. a larger --epochs)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if SAVE_DIR already holds a run")
+    g.add_argument("--save-every", type=float, default=10.0, metavar="MINUTES", help="also write last.pt after "
+                   "the step that ends MINUTES after the last save, so a killed run loses at most that much "
+                   "(0 = only at evaluations and at the end) (default: %(default)s)")
+    g.add_argument("--init", metavar="CKPT", help="start from this model's weights, vocabularies, config and "
+                   "pruning masks, with a fresh optimizer and --lr (fine-tuning, e.g. Seq-Inter or "
+                   "retraining after pruning)")
+
+    g = parser.add_argument_group("distillation (Word-KD, Kim & Rush 2016 section 3.1; attention relations, "
+                                  "MiniLM / MiniEnD)")
+    g.add_argument("--teacher", metavar="CKPT", help="the teacher; it must share the student's vocabularies, "
+                   "which are taken from it unless --vocab-from/--init say otherwise")
+    g.add_argument("--kd", choices=["word", "relation"], help="word: Word-KD, any teacher architecture; "
+                   "relation: the attention-relation losses of MiniLM / MiniEnD (relation_losses.py), T5 "
+                   "student and teacher (default with --teacher: word)")
+    g.add_argument("--kd-alpha", type=float, metavar="A",
+                   help="--kd word: L = A * L_WORD-KD + (1 - A) * L_NLL (default: 0.5, as the paper)")
+    g.add_argument("--kd-temperature", type=float, default=1.0, metavar="T", help="soften both distributions "
+                   "by T and scale the KD term by T^2; also the 'logit' relation term (default: %(default)s)")
+    g.add_argument("--relation-terms", metavar="SPEC", help="--kd relation: comma-separated recipes (minilm, "
+                   "miniend-d, miniend-e) and terms (enc-qq, dec-kk, cross-qk, ..., logit, nll), each "
+                   "optionally =WEIGHT, e.g. 'minilm,nll' or 'miniend-e,nll=0.5,logit=0.5' (default: "
+                   "miniend-d)")
+    g.add_argument("--relation-heads", type=int, metavar="R", help="--kd relation: relation heads; R must "
+                   "divide heads x d_kv of both models (default: the student's number of heads)")
+    g.add_argument("--relation-student-layer", type=int, default=-1, metavar="I",
+                   help="--kd relation: the student layer (of each stack) to match (default: -1, the last)")
+    g.add_argument("--relation-teacher-layer", type=int, default=-1, metavar="I",
+                   help="--kd relation: the teacher layer it learns from (default: -1, the last)")
+
+
+# 3. Resolving the defaults ---------------------------------------------------
+
+def resolve_defaults(args) -> None:
+    """Fill in the defaults that depend on other flags, and check flag combinations."""
+    data_flags = [args.train_src, args.train_tgt, args.valid_src, args.valid_tgt]
+    args.builtin = not any(data_flags + [args.test_src, args.test_tgt])
+    if args.span_corruption:  # monolingual: a training text (--mono or --train-src) and --valid-src
+        if not args.builtin and not (args.valid_src and (args.mono or args.train_src)):
+            raise UserError("--span-corruption reads monolingual text: give --valid-src and --mono or "
+                            "--train-src (or no data file, to use the built-in corpus's source side)")
+        if args.test_src:
+            raise UserError("--test-src/--test-tgt: there is no test set with --span-corruption; drop them")
+    elif not args.builtin and not all(data_flags):
+        raise UserError("give all four of --train-src --train-tgt --valid-src --valid-tgt "
+                        "(or none of them, to use the built-in corpus)")
+    if args.mono and not args.span_corruption:
+        raise UserError("--mono is the text of --span-corruption: add --span-corruption, or drop --mono")
+    if bool(args.test_src) != bool(args.test_tgt):
+        raise UserError("--test-src and --test-tgt go together: give both or neither")
+    if args.name is None:
+        args.name = "builtin" if args.builtin else Path(args.train_src or args.mono).stem
+    if args.save_dir is None:
+        args.save_dir = str(Path("runs") / args.name)
+    if args.arch is None and not args.init:   # with --init the architecture is the checkpoint's
+        args.arch = "lstm"
+    schedule = TRAIN_PRESETS.get(args.preset, {})   # --preset NAME: its training schedule
+    if args.preset is None and args.arch:
+        args.preset = DEFAULT_PRESETS[args.arch, args.builtin]
+        schedule = TRAIN_PRESETS.get(args.preset, {}) if args.builtin else {}
+    if args.optim is not None and args.optim != schedule.get("optim", args.optim):
+        schedule = {flag: value for flag, value in schedule.items() if flag != "lr"}  # its lr is for its optimizer
+    arch = args.arch or load_checkpoint(args.init)["arch"]       # with --init: the checkpoint's
+    for flag, value in {**TRAIN_DEFAULTS, "optim": DEFAULT_OPTIM[arch], **schedule}.items():
+        # flags given > the schedule > defaults
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.sentinels is None:
+        args.sentinels = DEFAULT_SENTINELS if args.arch == "t5" or args.span_corruption else 0
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optim]
+    if args.epochs is None and args.max_steps is None:
+        args.epochs = DEFAULT_EPOCHS
+    default_size = 50000 if args.tokenizer == "word" else 8000
+    args.src_vocab_size = default_size if args.src_vocab_size is None else args.src_vocab_size
+    args.tgt_vocab_size = default_size if args.tgt_vocab_size is None else args.tgt_vocab_size
+    if args.batch_tokens is not None:
+        args.batch_size = None
+    check_numbers(args)
+    kd_losses.resolve_distillation_flags(args)  # --kd, --kd-alpha, --relation-terms
+    check_save_dir(args.save_dir)
+
+
+def check_numbers(args) -> None:
+    """Each numeric flag in its range (NUMBER_RANGES; vocabularies: room for the specials, sentinels, a word)."""
+    for allowed, ok, dests in NUMBER_RANGES:
+        for dest in dests.split():
+            if getattr(args, dest) is not None and not ok(getattr(args, dest)):
+                raise UserError(f"{flag_name(dest)} must be {allowed}, got {getattr(args, dest)}")
+    words = len(data.SPECIALS) + 1    # the specials and a word, in the source (or joint) one also the sentinels
+    for dest, least in [("src_vocab_size", words + args.sentinels), ("tgt_vocab_size", words)]:
+        if getattr(args, dest) < least:
+            raise UserError(f"{flag_name(dest)} must be at least {least} (the specials, the sentinels and a "
+                            f"word), got {getattr(args, dest)}")
+
+
+def check_save_dir(save_dir: str) -> None:
+    """--save-dir: a folder, or a new one, where this process can write."""
+    path = Path(save_dir).absolute()
+    while not path.exists():       # the deepest part that exists: the folders under it are made
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        what = "is a folder this process cannot write in" if path.is_dir() else "is a file, not a folder"
+        raise UserError(f"--save-dir {save_dir}: {path} {what}; give another --save-dir")
+
+
+# 4. What the flags name: the checkpoints to start from, the text, the vocabularies, the model -----
+
+def starting_checkpoints(args, last_path: Path) -> tuple:
+    """The checkpoints a run starts from, each None if not given: (resume: SAVE_DIR/last.pt with --resume,
+    start: the weights and config to start from (resume or --init), teacher, vocab: the vocabularies to
+    take (else new ones are built), vocab_source: where they come from). --resume gives everything; --init
+    weights, config, masks and vocabularies; --vocab-from and --teacher vocabularies. With a checkpoint to
+    start from, args.arch becomes its architecture."""
+    resume = load_checkpoint(last_path) if args.resume else None
+    init = load_checkpoint(args.init) if args.init and not resume else None
+    teacher = load_checkpoint(args.teacher) if args.teacher else None
+    if resume:
+        vocab, vocab_source = resume, str(last_path)
+    elif init:
+        vocab, vocab_source = init, f"--init {args.init}"
+    elif args.vocab_from:
+        vocab, vocab_source = load_checkpoint(args.vocab_from), f"--vocab-from {args.vocab_from}"
+    elif teacher:
+        vocab, vocab_source = teacher, f"the teacher {args.teacher} (distillation needs the same words)"
+    else:
+        vocab, vocab_source = None, None
+    start = resume or init                    # the model's weights and config, else a new model
+    source = (str(last_path) if resume else f"--init {args.init}") if start else None
+    if start:
+        if args.arch and args.arch != start["arch"]:
+            raise UserError(f"--arch {args.arch}, but {source} is a {start['arch']} model: drop --arch "
+                            f"(fine-tuning keeps the checkpoint's architecture), or drop --init to train a new model")
+        args.arch = start["arch"]
+    check_model_flags(args, args.arch, start["config"] if start else None, source)
+    return resume, start, teacher, vocab, vocab_source
+
+
+def load_splits(args) -> dict[str, list[tuple[str, str]]]:
+    """Raw sentence pairs: {"train", "valid"[, "test"]} from the files given, else the built-in corpus.
+
+    With --span-corruption the text is monolingual: {"train": --mono (else the training source side),
+    "valid": the validation source side}, each sentence as a pair (sentence, sentence) so that
+    clean_pairs treats it like a corpus; only the first of the two is read afterwards."""
+    if args.span_corruption:
+        builtin = synthetic.builtin_splits() if args.builtin else None
+        train = (data.read_lines(args.mono) if args.mono else [s for s, _ in builtin["train"]] if builtin
+                 else data.read_lines(args.train_src))
+        valid = [s for s, _ in builtin["valid"]] if builtin else data.read_lines(args.valid_src)
+        return {"train": [(s, s) for s in train], "valid": [(s, s) for s in valid]}
+    if args.builtin:
+        return synthetic.builtin_splits()
+    splits = {"train": data.read_parallel(args.train_src, args.train_tgt),
+              "valid": data.read_parallel(args.valid_src, args.valid_tgt)}
+    if args.test_src:
+        splits["test"] = data.read_parallel(args.test_src, args.test_tgt)
+    return splits
+
+
+def get_vocabs(args, train_pairs, vocab_ckpt, vocab_source):
+    """The vocabularies: those of `vocab_ckpt` (resume, init, --vocab-from, teacher) or new ones. A new one
+    is joint (one object for both sides) with --joint-vocab, --arch t5 (one embedding for both sides) and
+    --span-corruption (one language); a joint one holds --sentinels entries <X0>, <X1>, ... after the specials.
+    A new one is built on the pairs not empty and of at most --max-len words a side (more words are more tokens
+    too), so that no dropped line adds words; read_data then filters in its tokens."""
+    if vocab_ckpt is not None:
+        src_vocab, tgt_vocab = data.vocabs_from_checkpoint(vocab_ckpt)
+        print(f"vocabularies from {vocab_source}: {len(src_vocab)} source, {len(tgt_vocab)} target ({src_vocab.kind}"
+              f"{', joint' if src_vocab is tgt_vocab else ''}, {len(span_corruption.sentinel_ids(src_vocab))} sentinels)")
+        return src_vocab, tgt_vocab
+    why_joint = ("--span-corruption: one language" if args.span_corruption else
+                 "--arch t5 shares one embedding between source and target" if args.arch == "t5" else
+                 "--joint-vocab" if args.joint_vocab else None)
+    train_pairs, _ = data.clean_pairs(train_pairs, max_len=args.max_len, verbose=False)  # in words
+    src_lines = [s for s, _ in train_pairs]
+    tgt_lines = [] if args.span_corruption else [t for _, t in train_pairs]   # monolingual: one side
+    if why_joint is None:
+        if args.sentinels:
+            raise UserError("--sentinels: span-corruption sentinels need a joint vocabulary: add --joint-vocab")
+        src_vocab, tgt_vocab = data.build_vocabs(src_lines, tgt_lines, kind=args.tokenizer,
+                                                 src_size=args.src_vocab_size, tgt_size=args.tgt_vocab_size)
+        print(f"vocabularies built from the training data: {len(src_vocab)} source, {len(tgt_vocab)} target")
+        return src_vocab, tgt_vocab
+    if args.sentinels:
+        vocab = span_corruption.build_vocab_with_sentinels(src_lines + tgt_lines, args.tokenizer,
+                                                           args.src_vocab_size, args.sentinels)
+    else:
+        vocab, _ = data.build_vocabs(src_lines + tgt_lines, [], kind=args.tokenizer,
+                                     src_size=args.src_vocab_size, joint=True)
+    print(f"vocabulary built from the training data: {len(vocab)} entries, joint ({why_joint}), "
+          f"{args.sentinels} of them sentinels <X0>, <X1>, ... for span corruption")
+    return vocab, vocab
+
+
+def span_corruption_sentinels(src_vocab, tgt_vocab, vocab_source) -> list[int]:
+    """--span-corruption reads and writes one language: the ids of the joint vocabulary's sentinels."""
+    source = vocab_source or "the training data"
+    if src_vocab is not tgt_vocab:
+        raise UserError(f"--span-corruption needs one joint vocabulary, but {source} has separate source and "
+                        "target vocabularies; build a new one (no --vocab-from) or use a --arch t5 checkpoint")
+    sentinels = span_corruption.sentinel_ids(src_vocab)
+    if not sentinels:
+        raise UserError(f"--span-corruption: the vocabulary of {source} has no sentinels <X0>, <X1>, ...; "
+                        "use a checkpoint trained with --arch t5 or --span-corruption, or --sentinels N")
+    return sentinels
+
+
+def flag_name(field: str) -> str:
+    """The flag that sets a config field: input_feed -> --no-input-feed, emb_dim -> --emb-dim."""
+    return "--no-input-feed" if field == "input_feed" else "--" + field.replace("_", "-")
+
+
+def check_model_flags(args, arch: str, config: dict | None, source: str | None) -> None:
+    """Model flags must fit the architecture; with --init/--resume the config comes from the
+    checkpoint (`source`), so a flag that disagrees with it is an error too."""
+    for field in sorted(set(MODEL_FIELDS["lstm"] + MODEL_FIELDS["t5"]) - set(MODEL_FIELDS[arch])):
+        if getattr(args, field) is not None:
+            other = "t5" if arch == "lstm" else "lstm"
+            raise UserError(f"{flag_name(field)} is a flag of --arch {other}, but the model is {arch}"
+                            f"{f' ({source})' if source else ''}; drop it")
+    if config is None:
+        return
+    for field in MODEL_FIELDS[arch]:
+        value = getattr(args, field)
+        if value is not None and value != config.get(field):
+            raise UserError(f"{flag_name(field)} ({value}) does not match {source}, whose {field} is "
+                            f"{config.get(field)}; drop the flag")
+
+
+def make_model_config(args, src_vocab, tgt_vocab) -> dict:
+    """The config of a new model: --preset, then the model flags. A T5 shares its embedding
+    between source and target when the vocabulary is joint, else each side gets its own."""
+    overrides = {field: getattr(args, field) for field in MODEL_FIELDS[args.arch]}
+    if args.arch == "t5":
+        overrides["share_embeddings"] = src_vocab is tgt_vocab
+        if src_vocab is not tgt_vocab:
+            print("t5: the vocabularies are separate, so the encoder gets its own embedding (share_embeddings=False)")
+    return asdict(make_config(args.arch, args.preset, src_vocab=len(src_vocab), tgt_vocab=len(tgt_vocab),
+                              **overrides))

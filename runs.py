@@ -1,0 +1,211 @@
+"""What a long run needs besides the model, shared by train.py and translate.py: 1. files written
+atomically, and locked against a second run, 2. resuming (random-number state, Ctrl-C), 3. several
+processes: `torchrun --nproc_per_node N script.py ...` starts N copies of the script (one per GPU; on
+a CPU, N processes) with WORLD_SIZE=N, RANK and LOCAL_RANK set; setup_processes joins them into one
+process group, and each script splits its work by rank (train.py: a share of every batch;
+translate.py: one shard of the lines each).
+"""
+import contextlib
+import datetime
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+
+import torch
+
+
+# 1. Files ------------------------------------------------------------------------------------
+
+def write_atomically(path, write, mode="wb"):
+    """Write the file PATH through `write(f)`, f a new temporary file in PATH's folder (opened with
+    `mode`), flushed, fsync'ed and renamed onto PATH: a crash at any moment leaves the old file or
+    the complete new one, and two writers never share a temporary file. Creates the folder."""
+    path = str(path)
+    os.makedirs(folder := os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(obj, path):
+    """write_atomically a JSON file (indented, one trailing newline)."""
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1) + "\n"), mode="w")
+
+
+def append_line(path, line: str) -> None:
+    """Append one line to a text file, flushed and fsync'ed (a log that a crash must not lose)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def restore_log(path, rows: int | None, last_row: dict | None) -> int:
+    """Make the JSON-lines log PATH what a checkpoint knows of it, when a run resumes: its first `rows` rows
+    (None: all), `last_row` (the checkpoint's copy of row `rows`) appended if a crash came before it was
+    completely written. Rewritten atomically; returns the number of rows."""
+    lines = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f.readlines()[:rows] if line.endswith("\n")]  # not a half-written one
+    if len(lines) < (rows or 0) and last_row:
+        lines.append(json.dumps(last_row) + "\n")
+    write_atomically(path, lambda f: f.writelines(lines), mode="w")
+    return len(lines)
+
+
+@contextlib.contextmanager
+def lock(path, name: str):
+    """Hold the lock file PATH while the block runs, so that two live runs never write one NAME (a run
+    folder, an output file): PATH is created exclusively (O_CREAT | O_EXCL) and holds this process's id;
+    it is removed on leaving the block, also on an error or Ctrl-C. A lock whose process is gone (killed)
+    is taken over. Under torchrun only process 0 takes it."""
+    from data import UserError  # imported here, so that data may import runs
+    if int(os.environ.get("RANK", "0")) > 0:
+        yield
+        return
+    path = str(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = lock_pid(path)
+            if pid is not None and is_alive(pid):
+                raise UserError(f"{name} is in use by process {pid} (lock file {path}): wait for it to end, "
+                                "or stop it") from None
+            print(f"{name}: taking over the stale lock {path} (process {pid} is no longer running)",
+                  file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    with open(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def lock_pid(path) -> int | None:
+    """The process id in a lock file, or None (gone, or not written yet)."""
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                    # signal 0: no signal, only "does it exist?"
+    except ProcessLookupError:
+        return False
+    except PermissionError:                # it exists, under another user
+        pass
+    return True
+
+
+# 2. Resume: random-number state and Ctrl-C ---------------------------------------------------
+
+def rng_states() -> dict:
+    """Every random stream training draws from (torch CPU and CUDA, Python's), for a checkpoint."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
+
+
+class StopOnCtrlC:
+    """First Ctrl-C: .requested (the loop finishes its step, saves, stops); a second: KeyboardInterrupt."""
+    message = "\nCtrl-C: stopping after this step and saving last.pt (press again to stop at once)"
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(self.message, file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# 3. Several processes: torchrun --------------------------------------------------------------
+
+def setup_processes(device, timeout_hours=2.0) -> tuple[int, int, torch.device]:
+    """(rank, number of processes, device): (0, 1, device), or under torchrun (WORLD_SIZE > 1) join
+    the process group: NCCL with one GPU per process (cuda:LOCAL_RANK) on CUDA, gloo on CPU; processes
+    other than 0 print nothing (stdout to /dev/null; errors still reach stderr). The timeout is how
+    long a process may wait at a barrier for the others (process 0 evaluating, or a slower shard)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(hours=timeout_hours))
+    rank = torch.distributed.get_rank()
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def from_process_0(value, world: int):
+    """`value` as process 0 has it, in every process (unchanged with one process)."""
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_over_processes(value: torch.Tensor, world: int) -> torch.Tensor:
+    """The sum of a tensor over all processes (unchanged with one process)."""
+    if world > 1:
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def leave_together(world: int) -> None:
+    """Wait until every process is here: one that exits early closes its connections under the others,
+    which then abort; and process 0 often has the last work (saving, joining files)."""
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def end_processes() -> None:
+    """Leave the process group, if this process joined one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,45 @@
+"""Tests for report.py: the Table 1 columns and the attention heat map, on the hand-made
+table model of test_report.py."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import report  # noqa: E402
+from test_beam import VOCAB, L, TableModel  # noqa: E402
+
+
+def test_p_t_equals_y_hat_is_the_product_of_table_probabilities():
+    model = TableModel()
+    r = report.table1_report(model, VOCAB, VOCAB, ["a", "b b", ""], ["b", "a b", "a"], beam=2)
+    assert r["sentences"] == 2                               # the pair with an empty side is out
+    # greedy: "a" (p = .5 * .4), "" (p = .55); beam 2: "b" (.4 * .9), "" (.55)
+    assert r["p_greedy"] == pytest.approx((.5 * .4 + .55) / 2, abs=1e-6)
+    assert r["p_beam"] == pytest.approx((.4 * .9 + .55) / 2, abs=1e-6)
+    # perplexity on the references "b" (.4 * .9, 2 tokens) and "a b" (.45 * .9 * .9, 3 tokens)
+    assert r["ppl"] == pytest.approx(math.exp(-(L(.36) + L(.3645)) / 5), rel=1e-5)
+    assert "BLEU" in report.format_report(r) and "nrefs:1" in r["bleu_signature"]
+
+
+def test_heatmap_rows_columns_and_shades():
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.1, 0.2, 0.7]])
+    text = report.heatmap(w, ["das", "Haus", "."], ["the", "house", "</s>"])
+    lines = text.split("\n")
+    assert len(lines) == 4 + 1 + 3                          # header ("Haus"), rule, 3 targets
+    assert [line.split("│")[0].strip() for line in lines[5:]] == ["the", "house", "</s>"]
+    body = [line.split("│")[1] for line in lines[5:]]
+    assert body == ["██    ", "  ▒▒▒▒", "  ░░▓▓"]
+    assert lines[0].split("│")[1] == "d H . " and lines[3].split("│")[1] == "  s   "
+
+
+def test_show_attention_of_a_translation():
+    text = report.show_attention(TableModel(), VOCAB, VOCAB, "a b", beam=2)
+    lines = text.split("\n")
+    assert lines[1] == "translation: b"
+    assert lines[-1].endswith("</s> │▒▒▒▒") and lines[-2].endswith("b │▒▒▒▒")
+
