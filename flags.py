@@ -117,7 +117,7 @@ NUMBER_RANGES = [
                                            "relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff"),
     ("positive and finite", lambda x: 0 < x < math.inf, "lr kd_temperature mean_span_length time_limit"),
     ("0 or more", lambda x: x >= 0, "sentinels decay_after"),
-    ("0 or more and finite", lambda x: 0 <= x < math.inf, "weight_decay clip"),
+    ("0 or more and finite", lambda x: 0 <= x < math.inf, "weight_decay clip save_every"),
     ("0 (none) or a number of steps", lambda x: x >= 0, "warmup"),
     ("in [0, 1)", lambda x: 0 <= x < 1, "dropout"),
     ("in [0, 1]", lambda x: 0 <= x <= 1, "kd_alpha"),

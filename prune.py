@@ -118,6 +118,14 @@ def apply_masks(model, masks):
         params[name].masked_fill_(~keep.to(params[name].device), 0.0)
 
 
+def mask_gradients(model, masks):
+    """Zero the gradients of pruned weights, in place, so that they do not count in the gradient
+    norm that clipping rescales (train.py calls this before clipping)."""
+    for name, p in model.named_parameters():
+        if name in masks and p.grad is not None:
+            p.grad.masked_fill_(~masks[name], 0.0)
+
+
 # 2. Report -----------------------------------------------------------------------------------
 
 

@@ -149,8 +149,6 @@ def setup(args) -> Run:
     save_dir = Path(args.save_dir)
     if not args.resume and (save_dir / "last.pt").exists() and not args.overwrite:
         raise UserError(f"{save_dir} already holds a run: add --resume to continue it, or --overwrite to start again")
-    if args.save_every < 0:
-        raise UserError(f"--save-every must be 0 (only at evaluations) or a number of minutes, got {args.save_every}")
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_processes(pick_device(args.device))   # one process, or one of torchrun's N
@@ -319,9 +317,7 @@ def train_step(run: Run, idxs: list[int]) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = progress.lr * min(1.0, (progress.step + 1) / args.warmup)
     if run.masks:  # pruned weights get no gradient: the norm clipped is that of the kept weights
-        for name, p in run.model.named_parameters():
-            if name in run.masks and p.grad is not None:
-                p.grad.masked_fill_(~run.masks[name], 0.0)
+        prune.mask_gradients(run.model, run.masks)
     if args.clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip)
     optimizer.step()
