@@ -50,6 +50,7 @@ from sacrebleu.metrics import BLEU
 
 import data
 from data import BOS, EOS, PAD
+from model import eval_mode
 
 
 # 1. Searches ---------------------------------------------------------------------------------
@@ -82,8 +83,7 @@ def greedy(model, src, src_mask, max_len_a=2.0, max_len_b=10, length_norm=False)
       scores: (B,) float32, the sum of log p of every generated token incl. EOS (see the top),
               divided by the number of generated tokens with length_norm
       attn:   list of B tensors (len, S_b): attention of each generated token (incl. EOS) over
-              the sentence's S_b real source tokens
-    """
+              the sentence's S_b real source tokens"""
     B = src.size(0)
     max_len = max_lengths(src_mask, max_len_a, max_len_b)           # (B,)
     state = model.start(src, src_mask)
@@ -125,8 +125,7 @@ def beam_search(model, src, src_mask, beam=5, nbest=1, max_len_a=2.0, max_len_b=
 
     Layout: the K beams of sentence b are rows b*K .. b*K+K-1 of the decoder state; `scores`
     (n, K) holds their running scores, -inf for a slot that holds no live hypothesis. Sentences
-    that are done are dropped from the batch, so `n` (active sentences) shrinks over time.
-    """
+    that are done are dropped from the batch, so `n` (active sentences) shrinks over time."""
     if nbest > beam:
         raise ValueError(f"nbest ({nbest}) cannot exceed the beam size ({beam})")
     device, K = src.device, beam
@@ -206,10 +205,11 @@ def score_pairs(model, src_seqs, tgt_seqs, batch_size=64):
     device = model_device(model)
     examples = list(zip(src_seqs, tgt_seqs))
     out = [0.0] * len(examples)
-    for idxs in length_sorted_batches([len(s) for s in src_seqs], batch_size):
-        batch = data.collate(examples, idxs).to(device)
-        for i, s in zip(idxs, score(model, batch).tolist()):
-            out[i] = s
+    with eval_mode(model):
+        for idxs in length_sorted_batches([len(s) for s in src_seqs], batch_size):
+            batch = data.collate(examples, idxs).to(device)
+            for i, s in zip(idxs, score(model, batch).tolist()):
+                out[i] = s
     return out
 
 
@@ -239,26 +239,24 @@ def decode_ids(model, src_seqs, beam=1, nbest=1, batch_size=64, max_len_a=2.0, m
     [([], 0.0)] without running the model. `progress`: a tqdm bar or None."""
     if beam == 1 and nbest != 1:
         raise ValueError("an n-best list needs beam > 1")
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     results = [[([], 0.0)] for _ in src_seqs]
     todo = [i for i, s in enumerate(src_seqs) if len(s) > 0]
-    for batch in length_sorted_batches([len(src_seqs[i]) for i in todo], batch_size):
-        idxs = [todo[j] for j in batch]
-        src, src_mask = pad_sources([src_seqs[i] for i in idxs], device)
-        if beam == 1:
-            hyps, scores, _ = greedy(model, src, src_mask, max_len_a, max_len_b, length_norm)
-            out = [[(h, s)] for h, s in zip(hyps, scores.tolist())]
-        else:
-            out = beam_search(model, src, src_mask, beam, nbest, max_len_a, max_len_b, length_norm)
-        for i, entries in zip(idxs, out):
-            results[i] = entries
-        if progress is not None:
-            progress.update(len(idxs))
+    with eval_mode(model):
+        for batch in length_sorted_batches([len(src_seqs[i]) for i in todo], batch_size):
+            idxs = [todo[j] for j in batch]
+            src, src_mask = pad_sources([src_seqs[i] for i in idxs], device)
+            if beam == 1:
+                hyps, scores, _ = greedy(model, src, src_mask, max_len_a, max_len_b, length_norm)
+                out = [[(h, s)] for h, s in zip(hyps, scores.tolist())]
+            else:
+                out = beam_search(model, src, src_mask, beam, nbest, max_len_a, max_len_b, length_norm)
+            for i, entries in zip(idxs, out):
+                results[i] = entries
+            if progress is not None:
+                progress.update(len(idxs))
     if progress is not None:
         progress.update(len(src_seqs) - len(todo))     # empty lines are done too
-    model.train(was_training)
     return results
 
 

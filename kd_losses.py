@@ -68,8 +68,7 @@ def word_kd_sum(student_logits, teacher_logits, target, T=1.0, pad=PAD):
 
     student_logits: (B, T, V) with gradient; teacher_logits: (B, T, V), detached here;
     target: (B, T) long, only used for its mask (target != pad, True = real token).
-    Returns (kd_sum: 0-dim float32 tensor, ntokens: int).
-    """
+    Returns (kd_sum: 0-dim float32 tensor, ntokens: int)."""
     _check_shapes(student_logits, target)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
@@ -91,8 +90,7 @@ def word_kd_loss(student_logits, teacher_logits, target, alpha=0.5, T=1.0, pad=P
     exactly nll_loss). L_WORD-KD is as word_kd_sum (teacher entropy included, T^2-scaled); L_NLL
     always uses T = 1. The paper uses alpha = 0.5, T = 1. Shapes as word_kd_sum.
     Returns a 0-dim float32 tensor; with return_parts, (loss, {"word_kd": L_WORD-KD, "nll": L_NLL}),
-    the two terms per token and detached (training logs them). The teacher gets no gradient.
-    """
+    the two terms per token and detached (training logs them). The teacher gets no gradient."""
     kd_sum, ntokens = word_kd_sum(student_logits, teacher_logits, target, T=T, pad=pad)
     nll, _ = nll_sum(student_logits, target, pad)
     n = max(ntokens, 1)
@@ -131,8 +129,7 @@ def select_seq_inter(hyps, ref, tokenize="13a", smooth_method="exp"):
 
     hyps: the K-best list, best first (strings; an empty translation is ""). ref: the reference.
     tokenize: sacrebleu tokenizer ("13a" for raw text, "none" for pre-tokenized corpora).
-    Ties go to the earlier (higher-ranked by the teacher) hypothesis. Returns an int index.
-    """
+    Ties go to the earlier (higher-ranked by the teacher) hypothesis. Returns an int index."""
     if len(hyps) == 0:
         raise ValueError("select_seq_inter: empty K-best list")
     scores = [sentence_bleu(hyp, ref, tokenize, smooth_method) for hyp in hyps]
@@ -230,8 +227,7 @@ def compute_loss(model, batch, kd: Distillation | None = None, normalize="tokens
     et al. 2015 and Kim & Rush's code), the per-token loss x ntokens / B, the relation terms too.
     Returns (loss: 0-dim tensor to backpropagate, parts: {"loss": the per-token loss, whatever
     `normalize` is; for a composite loss also each term per token: "nll" and "word_kd", or the
-    relation terms}), the parts detached.
-    """
+    relation terms}), the parts detached."""
     if kd is not None and kd.kind == "relation":
         logits, _, qkv = model(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)  # (B, T, V)
         with torch.no_grad():

@@ -15,6 +15,7 @@ PAD; `src_mask` (B, S) is boolean with True = real token, False = padding. A dec
 dict of tensors that all have the batch as dimension 0, so reordering it is one index_select per
 entry, whatever the architecture. Each model class has `arch` ("lstm" or "t5") and `cfg`.
 """
+import contextlib
 import math
 import os
 from dataclasses import fields
@@ -61,18 +62,28 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Within the block the model is in eval mode (no dropout); afterwards in the mode it had."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def save_checkpoint(obj, path):
-    """torch.save through runs.write_atomically (a unique temporary file, fsync, rename): a
-    crash never leaves a half-written checkpoint, and two writers never share a temporary file.
-    Pruning masks {name: bool tensor} are written as the list of their names (see pruning_masks)."""
+    """torch.save through runs.write_atomically (never half a checkpoint, never a shared temporary
+    file); pruning masks {name: bool tensor} are written as the list of their names (pruning_masks)."""
     if isinstance(obj, dict) and isinstance(obj.get("masks"), dict):
         obj = dict(obj, masks=mask_names(obj["masks"], obj["model"]))
     write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def mask_names(masks, state):
-    """The names of the masked weights; every pruned weight must be exactly 0.0 in `state`.
-    The names are `state`'s own key objects: pickle stores each as a reference of a few bytes."""
+    """The names of the masked weights (`state`'s own key objects, which pickle stores as short
+    references); every pruned weight must be exactly 0.0 in `state`."""
     for name, keep in masks.items():
         w = state[name]
         if w[~keep.to(w.device)].any():

@@ -119,8 +119,7 @@ def apply_masks(model, masks):
 
 
 def mask_gradients(model, masks):
-    """Zero the gradients of pruned weights, in place, so that they do not count in the gradient
-    norm that clipping rescales (train.py calls this before clipping)."""
+    """Zero the gradients of pruned weights, in place: clipping then rescales the kept ones' norm."""
     for name, p in model.named_parameters():
         if name in masks and p.grad is not None:
             p.grad.masked_fill_(~masks[name], 0.0)

@@ -75,8 +75,7 @@ def parse_relation_terms(spec):
         "miniend-d"               logit + dec-qq/kk/vv + cross-qk/vv
         "miniend-d,logit=0"       the same without the logit term
         "minilm,nll"              MiniLM's relations plus NLL on the training targets
-        "miniend-e,nll=0.5,logit=0.5"   MiniEnD-E with Kim & Rush's Word-KD mixture (alpha 0.5)
-    """
+        "miniend-e,nll=0.5,logit=0.5"   MiniEnD-E with Kim & Rush's Word-KD mixture (alpha 0.5)"""
     known = ", ".join([*RELATION_RECIPES, *RELATION_TERMS, *OUTPUT_TERMS])
     terms = {}
     for item in spec.split(","):
@@ -136,8 +135,7 @@ def relation(a, b, relation_heads, allowed):
     a: (N, heads, T_a, d_kv), b: (N, heads, T_b, d_kv): two sets of per-head vectors of one attention
     layer, concatenated to (N, T, W), W = heads * d_kv, and re-split into R = relation_heads of d_r = W / R.
     allowed: bool, broadcastable to (N, R, T_a, T_b), True where row i may relate to key j.
-    Returns (N, R, T_a, T_b); a key that is not allowed gets probability 0.
-    """
+    Returns (N, R, T_a, T_b); a key that is not allowed gets probability 0."""
     with torch.autocast(a.device.type, enabled=False):
         N, heads, T_a, d_kv = a.shape
         T_b, W = b.size(2), heads * d_kv
@@ -155,8 +153,7 @@ def relation_kl(teacher_logp, student_logp, allowed, row_mask):
     """KL(teacher || student) summed over keys, averaged over relation heads and real rows.
 
     teacher_logp, student_logp: (N, R, T_a, T_b) from `relation`; allowed: as for `relation`;
-    row_mask: (N, T_a) True = real row. Returns a 0-dim float32 tensor (0 if no real row).
-    """
+    row_mask: (N, T_a) True = real row. Returns a 0-dim float32 tensor (0 if no real row)."""
     p = teacher_logp.exp()
     kl = (p * (teacher_logp - student_logp)).masked_fill(~allowed, 0.0).sum(-1)  # (N, R, T_a)
     kl = kl.mean(1)                                                   # (N, T_a): mean over R
@@ -169,8 +166,7 @@ def relation_term_loss(name, student_qkv, teacher_qkv, relation_heads, student_l
 
     student_qkv, teacher_qkv: the dicts T5Model.forward(..., return_qkv=True) returns for the same batch
     (each q/k/v (N, heads, len, d_kv); "src_mask" (N, S) and "tgt_mask" (N, T), True = real token).
-    The teacher gets no gradient. Returns a 0-dim float32 tensor.
-    """
+    The teacher gets no gradient. Returns a 0-dim float32 tensor."""
     kind, first, second = RELATION_TERMS[name]
     stack = "encoder" if kind == "enc_self" else "decoder"
     _check_layer(student_layer, len(student_qkv[kind]), "student", stack)
@@ -207,8 +203,7 @@ def relation_kd_loss(student_qkv, teacher_qkv, terms, relation_heads, student_la
     student_qkv, teacher_qkv, relation_heads, student_layer, teacher_layer: as relation_term_loss.
     student_logits, teacher_logits (N, T, V) and target (N, T) = tgt_out: needed by "logit"
         (kd_losses.word_kd_loss with alpha = 1 at temperature T) and "nll" (kd_losses.nll_loss).
-    Returns (loss: 0-dim float32 tensor, parts: {name: the term's unweighted value, detached}).
-    """
+    Returns (loss: 0-dim float32 tensor, parts: {name: the term's unweighted value, detached})."""
     loss, parts = 0.0, {}
     for name, weight in terms.items():
         if name in OUTPUT_TERMS and (student_logits is None or target is None

@@ -8,7 +8,7 @@ import torch
 
 from beam import bleu, decode_ids, model_device, pad_sources, score_pairs
 from data import BOS, UserError
-from model import count_params
+from model import count_params, eval_mode
 
 
 def table1_report(model, src_vocab, tgt_vocab, src_lines, ref_lines, beam=5, batch_size=64,
@@ -22,8 +22,7 @@ def table1_report(model, src_vocab, tgt_vocab, src_lines, ref_lines, beam=5, bat
                                mean over sentences of exp(score(ŷ)) (teacher-forced, incl. EOS);
                                the paper's measure of how peaked the distribution is
       words_per_s_*            source words per second of each search
-    Pairs with an empty side are left out. Returns a dict (JSON-ready).
-    """
+    Pairs with an empty side are left out. Returns a dict (JSON-ready)."""
     pairs = [(s, r) for s, r in zip(src_lines, ref_lines) if s.strip() and r.strip()]
     if not pairs:
         raise UserError("the report needs at least one line pair with both sides non-empty")
@@ -32,8 +31,6 @@ def table1_report(model, src_vocab, tgt_vocab, src_lines, ref_lines, beam=5, bat
     ref_seqs = [tgt_vocab.encode(r) for r in refs]
     src_words = sum(len(s.split()) for s, _ in pairs)
 
-    was_training = model.training
-    model.eval()
     ref_scores = score_pairs(model, src_seqs, ref_seqs, batch_size)
     ppl = math.exp(-sum(ref_scores) / sum(len(r) + 1 for r in ref_seqs))   # +1: EOS
     report = {"sentences": len(pairs), "src_words": src_words, "params": count_params(model),
@@ -50,7 +47,6 @@ def table1_report(model, src_vocab, tgt_vocab, src_lines, ref_lines, beam=5, bat
         report[f"p_{name}"] = sum(math.exp(s) for s in own_scores) / len(own_scores)  # p(t = ŷ)
         report[f"words_per_s_{name}"] = src_words / max(seconds, 1e-9)
     report["bleu_signature"] = result.signature
-    model.train(was_training)
     return report
 
 
@@ -95,11 +91,8 @@ def attention_of(model, src_ids, tgt_ids):
     device = model_device(model)
     src, src_mask = pad_sources([src_ids], device)
     tgt_in = torch.tensor([[BOS] + list(tgt_ids)], dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         _, attn = model(src, src_mask, tgt_in)                # (1, T, S)
-    model.train(was_training)
     return attn[0].float().cpu()
 
 

@@ -28,7 +28,8 @@ from data import UserError
 from flags import (OPTIMIZERS, build_parser, get_vocabs, load_splits, make_model_config, resolve_defaults,
                    span_corruption_sentinels, starting_checkpoints)
 from kd_losses import check_teacher_vocabs, compute_loss, make_distillation, nll_sum, warn_unknown_words
-from model import build_model, count_params, load_checkpoint, model_from_checkpoint, pick_device, save_checkpoint
+from model import (build_model, count_params, eval_mode, load_checkpoint, model_from_checkpoint, pick_device,
+                   save_checkpoint)
 from runs import (StopOnCtrlC, append_line, end_processes, from_process_0, leave_together, lock, restore_log,
                   rng_states, set_rng_states, setup_processes, sum_over_processes)
 
@@ -46,16 +47,14 @@ def make_batches(examples, args, shuffle: bool, epoch: int = 0) -> list[list[int
 @torch.no_grad()
 def perplexity(model, examples, args, device) -> float:
     """exp(total NLL / number of real target tokens incl. EOS) with teacher forcing, in eval mode."""
-    was_training = model.training
-    model.eval()
     total, ntokens = torch.zeros((), device=device), 0
-    for idxs in make_batches(examples, args, shuffle=False):
-        batch = data.collate(examples, idxs).to(device)
-        with autocast(device):
-            logits, _ = model(batch.src, batch.src_mask, batch.tgt_in)  # (B, T, V)
-        loss_sum, n = nll_sum(logits, batch.tgt_out)
-        total, ntokens = total + loss_sum, ntokens + n
-    model.train(was_training)
+    with eval_mode(model):
+        for idxs in make_batches(examples, args, shuffle=False):
+            batch = data.collate(examples, idxs).to(device)
+            with autocast(device):
+                logits, _ = model(batch.src, batch.src_mask, batch.tgt_in)  # (B, T, V)
+            loss_sum, n = nll_sum(logits, batch.tgt_out)
+            total, ntokens = total + loss_sum, ntokens + n
     return math.exp(total.item() / ntokens)
 
 
@@ -128,8 +127,7 @@ class Run:
       torchrun), masks ({name: bool tensor, True = kept}, a pruned model's), n_params, kd.
     make_optimizer: optimizer, progress. Since the last evaluation: part_sums ({part: Σ per-token
       value x ntokens}), tokens, train_time; last_eval_step, last_record (its log.jsonl line);
-      log_rows (the rows of log.jsonl), saved_at (run.elapsed() when last.pt was last written).
-    """
+      log_rows (the rows of log.jsonl), saved_at (run.elapsed() when last.pt was last written)."""
 
     def __init__(self, args, rank: int, world: int, device: torch.device):
         self.args, self.rank, self.world, self.device = args, rank, world, device

@@ -50,8 +50,7 @@ def output_lines(index, entries, tgt_vocab, nbest, select_ref=None, tokenize="13
       select_ref given (Seq-Inter): the entry closest to that reference by smoothed sentence
         BLEU (kd_losses.select_seq_inter), one line
       nbest > 1: one line per entry, `index ||| translation ||| score` (Moses n-best format)
-      otherwise: the best translation, one line (possibly empty)
-    """
+      otherwise: the best translation, one line (possibly empty)"""
     texts = [tgt_vocab.decode(ids) for ids, _ in entries]
     if select_ref is not None:
         import kd_losses  # only Seq-Inter needs it
@@ -95,8 +94,7 @@ def translate_file(model, src_vocab, tgt_vocab, lines, out_path=None, *, beam=5,
     them; at the end OUT.partial becomes OUT. run_info (e.g. checkpoint and source paths) is
     stored with the settings, so a different run never continues someone else's file.
     Returns {"sentences", "src_words", "seconds"} for what this call translated, and, when
-    writing to stdout, "lines": the lines written.
-    """
+    writing to stdout, "lines": the lines written."""
     start, end = shard_range(len(lines), *shard)
     settings = dict(run_info or {}, lines=len(lines), shard=f"{shard[0]}/{shard[1]}", beam=beam,
                     nbest=nbest, select=f"sentence-bleu/{tokenize}" if select else None,
