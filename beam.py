@@ -114,6 +114,15 @@ def greedy(model, src, src_mask, max_len_a=2.0, max_len_b=10, length_norm=False)
     return hyps, scores / lengths if length_norm else scores, attn_list
 
 
+def reorder_beams(model, state, rows):
+    """model.reorder after a beam step, whose `rows` stay inside each sentence's block of K rows.
+    The state entries that depend only on the source (model.source_state: the encoder's output,
+    attention keys, the mask) are equal in the K rows of a sentence, so they stay as they are and
+    only the hypotheses' own entries are copied."""
+    fixed = {k: state[k] for k in model.source_state}
+    return {**model.reorder({k: v for k, v in state.items() if k not in fixed}, rows), **fixed}
+
+
 @torch.no_grad()
 def beam_search(model, src, src_mask, beam=5, nbest=1, max_len_a=2.0, max_len_b=10,
                 length_norm=False):
@@ -154,7 +163,7 @@ def beam_search(model, src, src_mask, beam=5, nbest=1, max_len_a=2.0, max_len_b=
         origin, word = index // V, index % V                        # beam each extends, its word
         rows = (torch.arange(n, device=device).unsqueeze(1) * K + origin).view(-1)  # (n*K,)
         tokens = torch.cat([tokens[rows], word.view(-1, 1)], dim=1)  # (n*K, t)
-        state = model.reorder(state, rows)
+        state = reorder_beams(model, state, rows)
         prev = word.view(-1)
 
         ends = (top > float("-inf")) & (word == EOS)                # (n, K) finished here

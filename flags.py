@@ -49,6 +49,7 @@ import argparse
 import math
 import os
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,10 +72,9 @@ DEFAULT_PRESETS = {("lstm", True): "builtin", ("lstm", False): "kim-rush-student
 DEFAULT_EPOCHS = 10
 DEFAULT_SENTINELS = 100   # as T5's <extra_id_0> .. <extra_id_99>
 
-# The training schedule of a preset, applied by resolve_defaults to every flag not given (a flag given
-# always wins): that of --preset NAME, or on the built-in corpus that of the default preset ('builtin' /
-# 't5-builtin'). Without --preset on your own corpus: DEFAULT_PRESETS' model, TRAIN_DEFAULTS.
-#
+# The training schedule of a preset, applied by resolve_defaults to every flag not given (a flag given always
+# wins): that of --preset NAME, or on the built-in corpus the default preset's ('builtin' / 't5-builtin').
+# Without --preset on your own corpus: DEFAULT_PRESETS' model, TRAIN_DEFAULTS.
 # The paper presets follow Kim & Rush (2016), whose "training details mirror Luong et al. (2015)", with
 # the values of their code (harvardnlp/seq2seq-attn, train.lua and preprocess.py defaults), which produced
 # the reported numbers: plain SGD, lr 1.0, 13 epochs, the lr halved after every epoch from epoch 9 on
@@ -103,18 +103,18 @@ TRAIN_PRESETS = {
 # With T5's initialisation (embeddings of standard deviation 1, query weights of (d_model * d_kv)^-0.5,
 # 0.008 at width 256 with heads of 64) that matters: Adam moves every weight by about lr per step,
 # whatever its scale, so the embeddings hardly move while the queries change fast.
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adafactor": torch.optim.Adafactor}
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": partial(torch.optim.Adam, fused=True),  # one kernel for all weights
+              "adafactor": torch.optim.Adafactor}
 DEFAULT_LR = {"sgd": 1.0, "adam": 1e-3, "adafactor": 1e-2}   # Luong et al.; Adam's own; T5's
 # The defaults of the flags a training preset may set, for every flag neither given nor preset.
-# --optim itself defaults by architecture: SGD for the LSTM (Luong et al.), Adafactor for T5.
 TRAIN_DEFAULTS = dict(batch_size=64, max_len=50, clip=5.0, normalize="tokens",
                       tokenizer="word", decay_on_plateau=False)
-DEFAULT_OPTIM = {"lstm": "sgd", "t5": "adafactor"}
+DEFAULT_OPTIM = {"lstm": "sgd", "t5": "adafactor"}   # --optim by architecture: Luong et al.'s, T5's
 # The numeric flags' ranges, checked before anything is read: (the range in words, its test, the flags).
 # (The --relation-*-layer flags depend on the models: kd_losses.make_distillation checks them.)
 NUMBER_RANGES = [
-    ("a positive number", lambda x: x > 0, "batch_size batch_tokens max_len epochs max_steps eval_every threads "
-                                           "relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff"),
+    ("a positive number", lambda x: x > 0, "batch_size batch_tokens max_len epochs max_steps patience eval_every"
+     " threads relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff"),
     ("positive and finite", lambda x: 0 < x < math.inf, "lr kd_temperature mean_span_length time_limit"),
     ("0 or more", lambda x: x >= 0, "sentinels decay_after"),
     ("0 or more and finite", lambda x: 0 <= x < math.inf, "weight_decay clip save_every"),
@@ -252,6 +252,7 @@ def add_evaluation_checkpoint_and_distillation_flags(parser) -> None:
     g.add_argument("--best-metric", choices=["ppl", "bleu"], default="ppl", help="what best.pt is chosen by: "
                    "validation perplexity, or greedy BLEU (better for Seq-KD students, whose perplexity on "
                    "the references rises while BLEU improves) (default: %(default)s)")
+    g.add_argument("--patience", type=int, metavar="N", help="stop after N evaluations with no better --best-metric")
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--name", help="run name (default: 'builtin', or the name of --train-src without extension)")

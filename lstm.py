@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from data import PAD, UserError
@@ -74,6 +75,66 @@ class Encoder(nn.Module):
         return memory, (h, c)
 
 
+class DecoderLSTM(nn.Module):
+    """The decoder's stacked LSTM, its equations written out (nn.LSTMCell's, gate order i, f, g, o):
+
+        [i; f; g; o] = W_l [x; h_{t-1}] + b_l                      (4H,)   one product per layer
+        c_t = σ(f) * c_{t-1} + σ(i) * tanh(g),    h_t = σ(o) * tanh(c_t)
+
+    Layer 1's input is [e_t; h~_{t-1}] (the word and, with input feeding, the previous attentional
+    state), so its product splits as W_e e_t + W_1 [h~_{t-1}; h_{t-1}]. The word part depends on
+    no earlier step: teacher forcing computes it for all T positions in one product (word_gates);
+    only W_1 [h~_{t-1}; h_{t-1}] and the upper layers are computed step by step. One matrix
+    [W_ih | W_hh] per layer, not nn.LSTMCell's two, is one product (and one gradient) per step."""
+
+    def __init__(self, emb_dim, feed_dim, hidden, layers, dropout):
+        super().__init__()
+        inputs = [feed_dim] + [hidden] * (layers - 1)             # per layer, besides h_{t-1}
+        self.W_e = nn.Parameter(torch.empty(4 * hidden, emb_dim))
+        self.W = nn.ParameterList(nn.Parameter(torch.empty(4 * hidden, n + hidden)) for n in inputs)
+        self.b = nn.ParameterList(nn.Parameter(torch.empty(4 * hidden)) for _ in inputs)
+        self.drop = nn.Dropout(dropout)
+
+    def word_gates(self, emb):
+        """emb (..., E) -> W_e e + b_1 (..., 4H): layer 1's share of the word."""
+        return F.linear(emb, self.W_e, self.b[0])
+
+    def forward(self, word_gates, feed, h, c):
+        """One step. word_gates (B, 4H); feed (B, H) = h~_{t-1}, or None without input feeding;
+        h, c (B, L, H) -> the top layer's h_t (B, H) and the new h, c (B, L, H)."""
+        hs, cs = [], []
+        for i, W in enumerate(self.W):
+            if i == 0:
+                x = h[:, 0] if feed is None else torch.cat([feed, h[:, 0]], 1)       # (B, H_f + H)
+                gates = torch.addmm(word_gates, x, W.t())                           # (B, 4H)
+            else:
+                x = torch.cat([self.drop(hs[-1]), h[:, i]], 1)   # dropout between layers (B, 2H)
+                gates = torch.addmm(self.b[i], x, W.t())
+            i_, f, g, o = gates.chunk(4, 1)
+            cs.append(torch.sigmoid(f) * c[:, i] + torch.sigmoid(i_) * torch.tanh(g))
+            hs.append(torch.sigmoid(o) * torch.tanh(cs[-1]))
+        return hs[-1], torch.stack(hs, 1), torch.stack(cs, 1)
+
+
+def from_lstm_cells(state):
+    """A state dict saved when the decoder was nn.LSTMCell modules (cells.i.weight_ih, weight_hh,
+    bias_ih, bias_hh) -> DecoderLSTM's names (rnn.W_e, rnn.W.i, rnn.b.i), so that older
+    checkpoints still load. The same weights: W_e = W_ih[:, :E], W_i = [W_ih[:, E:] | W_hh],
+    b_i = b_ih + b_hh. Returns the new state and {old name: [new names]} (for pruning masks)."""
+    state, renamed, i = dict(state), {}, 0
+    while f"cells.{i}.weight_ih" in state:
+        w_ih, w_hh = state.pop(f"cells.{i}.weight_ih"), state.pop(f"cells.{i}.weight_hh")
+        state[f"rnn.b.{i}"] = state.pop(f"cells.{i}.bias_ih") + state.pop(f"cells.{i}.bias_hh")
+        E = state["tgt_embed.weight"].size(1) if i == 0 else 0
+        if i == 0:
+            state["rnn.W_e"] = w_ih[:, :E].contiguous()
+        state[f"rnn.W.{i}"] = torch.cat([w_ih[:, E:], w_hh], 1)
+        renamed[f"cells.{i}.weight_ih"] = (["rnn.W_e"] if i == 0 else []) + [f"rnn.W.{i}"]
+        renamed[f"cells.{i}.weight_hh"] = [f"rnn.W.{i}"]
+        i += 1
+    return state, renamed
+
+
 class GlobalAttention(nn.Module):
     """Luong et al. (2015), eq. 8: score(h_t, h̄_s) for every source position s.
 
@@ -113,6 +174,7 @@ class Seq2Seq(nn.Module):
     """Encoder, attentional decoder with input feeding, and the output layer (the "generator")."""
 
     arch = "lstm"
+    source_state = ("memory", "keys", "src_mask")      # the state entries fixed by the source
 
     def __init__(self, cfg: LSTMConfig):
         super().__init__()
@@ -120,8 +182,7 @@ class Seq2Seq(nn.Module):
         H = cfg.hidden
         self.encoder = Encoder(cfg)
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab, cfg.emb_dim, padding_idx=PAD)
-        first_input = cfg.emb_dim + (H if cfg.input_feed else 0)
-        self.cells = nn.ModuleList([nn.LSTMCell(first_input if i == 0 else H, H) for i in range(cfg.layers)])
+        self.rnn = DecoderLSTM(cfg.emb_dim, H if cfg.input_feed else 0, H, cfg.layers, cfg.dropout)
         self.attention = GlobalAttention(H, cfg.attention)
         self.W_c = nn.Linear(2 * H, H, bias=False)        # h~_t = tanh(W_c [c_t; h_t]), eq. 5
         self.generator = nn.Linear(H, cfg.tgt_vocab)       # p(y_t | y<t, x) = softmax(W_s h~_t), eq. 6
@@ -131,22 +192,14 @@ class Seq2Seq(nn.Module):
 
     # -- the decoder step shared by training (teacher forcing) and decoding -----------------------
 
-    def _decode_step(self, emb, state):
-        """One target position. emb (B, E) -> h~_t (B, H), a_t (B, S), and the new state."""
-        h, c, feed = state["h"], state["c"], state["feed"]           # (B, L, H), (B, L, H), (B, H)
-        x = torch.cat([emb, feed], dim=1) if self.cfg.input_feed else emb
-        hs, cs = [], []
-        for i, cell in enumerate(self.cells):
-            if i > 0:
-                x = self.drop(x)                                      # dropout between layers
-            h_i, c_i = cell(x, (h[:, i], c[:, i]))
-            hs.append(h_i)
-            cs.append(c_i)
-            x = h_i
-        context, align = self.attention(x, state["keys"], state["memory"], state["src_mask"])
-        h_tilde = torch.tanh(self.W_c(torch.cat([context, x], dim=1)))  # eq. 5   (B, H)
-        new_state = dict(state, h=torch.stack(hs, 1), c=torch.stack(cs, 1), feed=h_tilde)
-        return h_tilde, align, new_state
+    def _decode_step(self, word_gates, state):
+        """One target position. word_gates (B, 4H) = rnn.word_gates(e_t) -> h~_t (B, H),
+        a_t (B, S), and the new state."""
+        feed = state["feed"] if self.cfg.input_feed else None        # h~_{t-1} (B, H)
+        top, h, c = self.rnn(word_gates, feed, state["h"], state["c"])   # (B, H), (B, L, H) x 2
+        context, align = self.attention(top, state["keys"], state["memory"], state["src_mask"])
+        h_tilde = torch.tanh(self.W_c(torch.cat([context, top], dim=1)))  # eq. 5   (B, H)
+        return h_tilde, align, dict(state, h=h, c=c, feed=h_tilde)
 
     # -- the interface -------------------------------------------------------------------------
 
@@ -165,7 +218,7 @@ class Seq2Seq(nn.Module):
 
     def step(self, prev, state):
         """prev (B,) previous tokens (BOS first) -> log-probs (B, V) float32, attention (B, S), state."""
-        h_tilde, align, state = self._decode_step(self.tgt_embed(prev), state)
+        h_tilde, align, state = self._decode_step(self.rnn.word_gates(self.tgt_embed(prev)), state)
         logp = torch.log_softmax(self.generator(h_tilde).float(), dim=-1)
         return logp, align, state
 
@@ -178,10 +231,10 @@ class Seq2Seq(nn.Module):
         """Teacher forcing. src, src_mask (B, S); tgt_in (B, T) = [BOS y1 .. yn] ->
         logits (B, T, V) and attention (B, T, S)."""
         state = self.start(src, src_mask)
-        emb = self.tgt_embed(tgt_in)                       # (B, T, E)
+        word_gates = self.rnn.word_gates(self.tgt_embed(tgt_in))   # (B, T, 4H): every t at once
         outputs, aligns = [], []
-        for t in range(tgt_in.size(1)):
-            h_tilde, align, state = self._decode_step(emb[:, t], state)
+        for gates_t in word_gates.unbind(1):     # unbind: one backward step for all T slices
+            h_tilde, align, state = self._decode_step(gates_t, state)
             outputs.append(h_tilde)
             aligns.append(align)
         h_tilde = self.drop(torch.stack(outputs, 1))       # (B, T, H)

@@ -9,6 +9,8 @@ The interface every model implements (beam.py and train.py use nothing else):
     state = model.start(src, src_mask)               # encode once -> decoder state
     logp, attn, state = model.step(prev, state)      # one target step: (B, V) log-probs, (B, S)
     state = model.reorder(state, index)              # pick / repeat rows after a beam step
+    model.source_state                               # names of the state entries that depend
+                                                     # only on the source (beam.reorder_beams)
 
 Conventions: tensors are batch-first; `src` (B, S) and `tgt_in` (B, T) hold token ids padded with
 PAD; `src_mask` (B, S) is boolean with True = real token, False = padding. A decoder state is a
@@ -24,7 +26,7 @@ import torch
 
 from data import UserError
 # the models, their configs and presets, re-exported: model.PRESETS, model.T5Model ... work
-from lstm import PRESETS, LSTMConfig, Seq2Seq, check_lstm_config
+from lstm import PRESETS, LSTMConfig, Seq2Seq, check_lstm_config, from_lstm_cells
 from runs import write_atomically
 from t5 import T5_PRESETS, T5Config, T5Model, check_t5_config
 
@@ -139,6 +141,10 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != "seqkd" or "model" not in ckpt:
         raise UserError(f"checkpoint {path} is not a seqkd checkpoint (no model weights): "
                         "give a file written by train.py or prune.py")
+    if ckpt.get("arch") == "lstm" and "cells.0.weight_ih" in ckpt["model"]:   # saved before DecoderLSTM
+        ckpt["model"], renamed = from_lstm_cells(ckpt["model"])
+        masked = [new for name in ckpt.get("masks") or [] for new in renamed.get(name, [name])]
+        ckpt["masks"] = list(dict.fromkeys(masked))          # names: pruning_masks reads the zeros
     if ckpt.get("masks"):
         ckpt["masks"] = pruning_masks(ckpt)
     return ckpt

@@ -287,6 +287,9 @@ class T5Model(nn.Module):
         self.enc_position = RelativePositionBias(cfg, bidirectional=True)
         self.enc_norm = RMSNorm(D, cfg.norm_eps)
         self.decoder = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.dec_layers or cfg.layers)])
+        # the state entries fixed by the source: the encoder output and every cross-attention's K, V
+        self.source_state = ("memory", "src_mask", *(f"dec{i}.cross_{kv}" for i in range(len(self.decoder))
+                                                     for kv in "kv"))
         self.dec_position = RelativePositionBias(cfg, bidirectional=False)
         self.dec_norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = None if cfg.tie_output else nn.Linear(D, cfg.tgt_vocab, bias=False)

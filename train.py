@@ -81,6 +81,7 @@ class Progress:
     best_valid_ppl: float = math.inf
     best_valid_bleu: float = -1.0
     prev_valid_ppl: float = math.inf   # for --decay-on-plateau
+    evals_since_best: int = 0      # for --patience
     elapsed: float = 0.0           # seconds of this run, over all its resumptions
 
 
@@ -257,7 +258,7 @@ def set_lr(run: Run, lr: float, reason: str) -> None:
 
 def train_loop(run: Run) -> str | None:
     """Epochs of steps from where run.progress stands, evaluating and saving on the way. Returns
-    why training stopped early (Ctrl-C, --max-steps, --time-limit), or None after the last epoch."""
+    why training stopped early (Ctrl-C, --max-steps, --time-limit, --patience), or None after the last epoch."""
     args, progress = run.args, run.progress
     run.model.train()
     with StopOnCtrlC() as ctrl_c:
@@ -296,6 +297,7 @@ def train_loop(run: Run) -> str | None:
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
                 if record:
                     save_checkpoints(run, record)
+                    stop = from_process_0(stop_reason(run, ctrl_c), run.world)   # --patience
     return stop
 
 
@@ -338,6 +340,8 @@ def stop_reason(run: Run, ctrl_c: StopOnCtrlC) -> str | None:
         return f"--max-steps {run.args.max_steps}"
     if run.args.time_limit is not None and run.elapsed() > 60 * run.args.time_limit:
         return f"--time-limit {run.args.time_limit:g} min"
+    if run.args.patience and run.progress.evals_since_best >= run.args.patience:
+        return f"--patience {run.args.patience}: no better valid {run.args.best_metric} in as many evaluations"
     return None
 
 
@@ -406,6 +410,7 @@ def save_checkpoints(run: Run, record) -> None:
     better = ppl < progress.best_valid_ppl if run.args.best_metric == "ppl" else bleu > progress.best_valid_bleu
     progress.best_valid_ppl = min(progress.best_valid_ppl, ppl)
     progress.best_valid_bleu = max(progress.best_valid_bleu, bleu)
+    progress.evals_since_best = 0 if better else progress.evals_since_best + 1
     if better:
         save(run, run.best_path, with_optimizer=False)
     save_last(run, new_row=True)

@@ -61,6 +61,7 @@ TABLES = torch.stack([
 class TableModel(nn.Module):
     """p(y_t | y_<t, x) = TABLES[context(x)][y_{t-1}], context = first source token - 4.
     Attention is uniform over the real source tokens. Implements start/step/reorder/forward."""
+    source_state = ("ctx", "src_mask")
 
     def __init__(self, tables=TABLES):
         super().__init__()
@@ -300,3 +301,19 @@ def test_beam_py_as_a_script_names_translate_py():
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == ("error: the translation command is now translate.py: "
                           "python translate.py --ckpt m.pt --src 'a b.txt'\n")
+
+
+@pytest.mark.parametrize("arch", ["lstm", "t5"])
+def test_beams_share_the_source_state_unchanged(arch):
+    """Leaving the source's entries (model.source_state) unreordered within a sentence's beams
+    gives the same n-best lists and scores as reordering every entry."""
+    torch.manual_seed(0)
+    preset = {"lstm": "tiny", "t5": "t5-tiny"}[arch]
+    m = seqmodel.build_model(arch, asdict(seqmodel.make_config(arch, preset, src_vocab=15, tgt_vocab=15))).eval()
+    P = data.PAD
+    src = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 4, P, P, P], [7, 7, 7, 7, P, P]])
+    fast = beam.beam_search(m, src, src != P, beam=4, nbest=4, max_len_a=1.5, max_len_b=2)
+    m.source_state = ()                                   # every entry reordered at every step
+    full = beam.beam_search(m, src, src != P, beam=4, nbest=4, max_len_a=1.5, max_len_b=2)
+    assert [[seq for seq, _ in hyps] for hyps in fast] == [[seq for seq, _ in hyps] for hyps in full]
+    assert [[s for _, s in hyps] for hyps in fast] == [[s for _, s in hyps] for hyps in full]

@@ -1,5 +1,7 @@
 """Tests of lstm.py: the decoding interface agrees with teacher forcing, padding is invisible,
 attention, initialisation, input feeding, the papers' sizes. Tiny models, seeded."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,8 +106,9 @@ def test_uniform_initialisation_in_range():
 
 def test_no_input_feed_has_smaller_first_layer():
     with_feed, without = tiny(input_feed=True), tiny(input_feed=False)
-    assert with_feed.cells[0].weight_ih.shape[1] == 8 + 16    # emb + h~
-    assert without.cells[0].weight_ih.shape[1] == 8
+    assert with_feed.rnn.W_e.shape == without.rnn.W_e.shape == (4 * 16, 8)   # the word's part
+    assert with_feed.rnn.W[0].shape[1] == 16 + 16    # [h~_{t-1}; h_{t-1}]
+    assert without.rnn.W[0].shape[1] == 16           # h_{t-1} only
 
 
 def test_presets_have_the_papers_sizes():
@@ -118,3 +121,47 @@ def test_presets_have_the_papers_sizes():
         n_teacher = M.count_params(lstm.Seq2Seq(teacher)) / 1e6
         n_student = M.count_params(lstm.Seq2Seq(student)) / 1e6
     assert abs(n_teacher - 221) < 1 and abs(n_student - 84) < 1, (n_teacher, n_student)
+
+
+def lstmcell_reference(m, cells, src, src_mask, tgt_in):
+    """Teacher forcing written with torch's nn.LSTMCell (the decoder's previous form): the input
+    [e_t; h~_{t-1}] through two products per layer, W_ih x + b_ih + W_hh h + b_hh."""
+    state = m.start(src, src_mask)
+    h, c, feed = list(state["h"].unbind(1)), list(state["c"].unbind(1)), state["feed"]
+    outputs = []
+    for t in range(tgt_in.size(1)):
+        x = torch.cat([m.tgt_embed(tgt_in[:, t]), feed], 1)
+        for i, cell in enumerate(cells):
+            h[i], c[i] = cell(x, (h[i], c[i]))
+            x = h[i]
+        context, _ = m.attention(x, state["keys"], state["memory"], state["src_mask"])
+        feed = torch.tanh(m.W_c(torch.cat([context, x], 1)))
+        outputs.append(feed)
+    return m.generator(torch.stack(outputs, 1))
+
+
+def test_decoder_equals_lstmcells_and_their_checkpoints_load(tmp_path):
+    """Weights in nn.LSTMCell's layout (as older checkpoints hold them), converted by
+    from_lstm_cells, give the reference's logits; the conversion only regroups the numbers."""
+    m = tiny()
+    torch.manual_seed(1)
+    cells = torch.nn.ModuleList([torch.nn.LSTMCell(8 + 16, 16), torch.nn.LSTMCell(16, 16)])
+    old = {k: v for k, v in m.state_dict().items() if not k.startswith("rnn.")}
+    old.update({f"cells.{k}": v for k, v in cells.state_dict().items()})
+    new, renamed = lstm.from_lstm_cells(old)
+    assert renamed["cells.0.weight_ih"] == ["rnn.W_e", "rnn.W.0"]
+    assert sorted(new) == sorted(m.state_dict())
+    m.load_state_dict(new)
+    src, src_mask = padded(SRC, 5)
+    tgt_in, _ = padded(TGT_IN, 4)
+    with torch.no_grad():
+        logits, _ = m(src, src_mask, tgt_in)
+        torch.testing.assert_close(logits, lstmcell_reference(m, cells, src, src_mask, tgt_in),
+                                   rtol=1e-5, atol=1e-6)
+    old["cells.1.weight_hh"][0, :3] = 0.0                       # "pruned" in the old layout
+    M.save_checkpoint({"format": "seqkd", "arch": "lstm", "config": dataclasses.asdict(m.cfg),
+                       "model": old, "masks": ["cells.1.weight_hh"]}, tmp_path / "old.pt")
+    loaded = M.load_checkpoint(str(tmp_path / "old.pt"))
+    M.model_from_checkpoint(loaded)
+    assert set(loaded["masks"]) == {"rnn.W.1"}
+    assert (~loaded["masks"]["rnn.W.1"]).sum() == 3

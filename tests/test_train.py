@@ -315,6 +315,19 @@ def test_time_limit_counts_over_resumes_evaluates_and_says_so(corpus, tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["step"] == 2
 
 
+def test_patience_stops_when_the_metric_stops_improving_and_survives_resume(corpus, tmp_path):
+    """lr 1e-9: the greedy output, so the BLEU, never changes. Evaluation 1 sets the best, 2 and 3
+    are not better, so --patience 2 stops after epoch 3 (5 steps an epoch), not after 10 epochs;
+    a run resumed after evaluation 2 stops at the same place (the count is in last.pt)."""
+    slow = ("--optim", "adam", "--lr", 1e-9, "--best-metric", "bleu", "--patience", 2, "--epochs", 10)
+    result = train.main(flags(corpus, tmp_path / "a", *slow))
+    assert [r["step"] for r in log(tmp_path / "a")] == [5, 10, 15] and result["step"] == 15
+    train.main(flags(corpus, tmp_path / "b", *slow[:-1], 2))
+    assert train.main(flags(corpus, tmp_path / "b", *slow, "--resume"))["step"] == 15
+    train.main(flags(corpus, tmp_path / "c", *slow[:-4], "--epochs", 4))     # no --patience: all epochs
+    assert [r["step"] for r in log(tmp_path / "c")] == [5, 10, 15, 20]
+
+
 # ---- distillation ------------------------------------------------------------------------------
 
 
