@@ -140,13 +140,8 @@ def decoder(cfg, seed):
 
 
 def main(argv):
-    job, out = timing.read_job(argv)
-    cfg, seed = job["config"], job["seed"]
-    model = build(cfg, seed)
-    num_params = sum(p.numel() for p in model.parameters())
-    result = timing.run_measurements(job, train_step_fn(model, cfg), decoder(cfg, seed),
-                                     num_params, "OpenNMT-py", onmt.__version__)
-    timing.write_result(result, out)
+    timing.worker_main(argv, build, train_step_fn, decoder, lambda m: sum(p.numel() for p in m.parameters()),
+                       "OpenNMT-py", onmt.__version__)
 
 
 if __name__ == "__main__":

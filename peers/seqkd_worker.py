@@ -86,12 +86,7 @@ def decoder(cfg, seed):
 
 
 def main(argv):
-    job, out = timing.read_job(argv)
-    cfg, seed = job["config"], job["seed"]
-    model = build(cfg, seed)
-    result = timing.run_measurements(job, train_step_fn(model, cfg), decoder(cfg, seed),
-                                     M.count_params(model), "seqkd", "working tree")
-    timing.write_result(result, out)
+    timing.worker_main(argv, build, train_step_fn, decoder, M.count_params, "seqkd", "working tree")
 
 
 if __name__ == "__main__":

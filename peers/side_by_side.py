@@ -355,8 +355,8 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({"meta": info, "config": CONFIG, "rows": rows, "results": results},
                                               indent=1))
     if args.check:
-        print("check " + ("FAILED" if problems else "passed: parameter counts equal but for the second biases, every output of its "
-                          "source's length in both tools"))
+        print("check " + ("FAILED" if problems else "passed: parameter counts equal but for the second biases, "
+                          "every output of its source's length in both tools"))
     return 1 if problems else 0
 
 

@@ -72,3 +72,12 @@ def run_measurements(job, train_step, decoder, num_params, tool, version):
             speed, lengths = time_decode(decoder(beam), job["decode_batches"])
             result[f"{name}_words_s"], result[f"{name}_lengths"] = speed, lengths
     return result
+
+
+def worker_main(argv, build, train_step_fn, decoder, count_params, tool, version):
+    """A worker's main: the job's model build(config, seed), its measurements, the result file."""
+    job, out = read_job(argv)
+    cfg, seed = job["config"], job["seed"]
+    model = build(cfg, seed)
+    result = run_measurements(job, train_step_fn(model, cfg), decoder(cfg, seed), count_params(model), tool, version)
+    write_result(result, out)
