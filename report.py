@@ -1,10 +1,13 @@
-"""Reports on a model: the columns of Kim & Rush (2016), Table 1, and an attention heat map.
-translate.py --report and --show-attention print them; the searches and scores are beam.py's.
+"""Reports on a model: the columns of Kim & Rush (2016), Table 1, and an attention heat map;
+whether one system's BLEU differs from another's (paired bootstrap). translate.py --report and
+--show-attention print them; the searches and scores are beam.py's.
 """
 import math
 import time
 
 import torch
+from sacrebleu.metrics import BLEU
+from sacrebleu.significance import PairedTest
 
 from beam import bleu, decode_ids, model_device, pad_sources, score_pairs
 from data import BOS, UserError
@@ -107,3 +110,22 @@ def show_attention(model, src_vocab, tgt_vocab, line, beam=1, max_len_a=2.0, max
     weights = attention_of(model, src_ids, hyp)
     return (f"source: {line.strip()}\ntranslation: {tgt_vocab.decode(hyp)}\n"
             + heatmap(weights, src_vocab.tokens(src_ids), tgt_vocab.tokens(hyp) + ["</s>"]))
+
+
+def paired_bootstrap(baseline, system, refs, tokenize="13a", samples=1000):
+    """Is `system`'s corpus BLEU different from `baseline`'s on the same sentences? sacrebleu's
+    paired bootstrap resampling (Koehn 2004; Moses' bootstrap-hypothesis-difference-significance):
+    draw `samples` test sets of the same size with replacement, score both systems on each, and
+    count how often the resampled difference |Δ| (centred on its mean) exceeds the real one.
+    Two-sided; sacrebleu's fixed seed (12345, or $SACREBLEU_SEED). Returns (system BLEU, baseline
+    BLEU, p-value). Identical outputs give p = 1 (sacrebleu would return 1 / (samples + 1): zero
+    differences, none above the real zero)."""
+    metric = lambda: BLEU(tokenize=tokenize)  # noqa: E731  (a fresh metric per use: it caches refs)
+    base_score = metric().corpus_score(baseline, [refs]).score
+    if list(baseline) == list(system):
+        return base_score, base_score, 1.0
+    test = PairedTest([("baseline", list(baseline)), ("system", list(system))], {"BLEU": metric()}, [refs],
+                      test_type="bs", n_samples=samples)
+    _, scores = test()
+    result = scores["BLEU"][1]
+    return result.score, base_score, result.p_value

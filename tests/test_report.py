@@ -43,3 +43,18 @@ def test_show_attention_of_a_translation():
     assert lines[1] == "translation: b"
     assert lines[-1].endswith("</s> │▒▒▒▒") and lines[-2].endswith("b │▒▒▒▒")
 
+
+
+def test_paired_bootstrap_separates_a_real_difference_from_noise():
+    """100 sentences. A system right where the baseline is wrong on 60 of them differs (p < 0.05);
+    one that differs on a single sentence does not; identical outputs give p = 1."""
+    refs = [f"the cat number {i} sat on the red mat" for i in range(100)]
+    baseline = [r if i % 5 < 2 else f"a dog {i} ran" for i, r in enumerate(refs)]     # 40 of 100 right
+    better = [r if i % 5 < 2 or i < 80 else b for i, (r, b) in enumerate(zip(refs, baseline))]
+    one_more = [refs[2] if i == 2 else b for i, b in enumerate(baseline)]
+    one_more[2] = refs[2] + " today"
+    s, b, p = report.paired_bootstrap(baseline, better, refs)
+    assert s > b and p < 0.05
+    s, b, p = report.paired_bootstrap(baseline, one_more, refs)
+    assert abs(s - b) < 2 and p > 0.05
+    assert report.paired_bootstrap(baseline, baseline, refs)[2] == 1.0
