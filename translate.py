@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 
+import torch
 from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
@@ -215,6 +216,7 @@ def parse_args(argv=None):
                    help="max output length = a * source length + b (default a=2.0)")
     p.add_argument("--max-len-b", type=int, default=10, help="see --max-len-a (default b=10)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--bleu-tokenize", help="sacrebleu tokenizer: 13a for raw text, none for "
                                            "pre-tokenized text (default: the one training used, else 13a)")
     p.add_argument("--shard", default="1/1",
@@ -236,6 +238,8 @@ def check_args(args):
     for name in ("beam", "nbest", "batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give 1 or more CPU threads")
     if args.nbest > args.beam:
         raise UserError(f"--nbest {args.nbest} needs --beam {args.nbest} or more (now {args.beam})")
     if args.select and (args.ref is None or args.nbest < 2):
@@ -270,6 +274,8 @@ def check_args(args):
 
 def run(args):
     shard = check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     log = sys.stderr if args.out is None else sys.stdout      # keep stdout for translations
     # (taken before setup_processes silences stdout in processes > 0: each reports its shard)
     rank, world, device = runs.setup_processes(pick_device(args.device), timeout_hours=48)

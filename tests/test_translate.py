@@ -177,6 +177,7 @@ def test_cli_bad_flags_give_one_line_errors(ckpt_files, flags, message):
     (["--show-attention", "0"], "--show-attention 0: must be a line number, 1 or more"),
     (["--beam", "0"], "--beam must be at least 1"),
     (["--chunk-size", "-5"], "--chunk-size must be at least 1"),
+    (["--threads", "0"], "--threads 0: give 1 or more CPU threads"),
 ])
 def test_cli_bad_numbers_fail_before_anything_is_read(tmp_path, flags, message):
     with pytest.raises(SystemExit) as e:            # neither file exists: check_args comes first
