@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from data import PAD, UserError
@@ -85,19 +84,19 @@ class DecoderLSTM(nn.Module):
     state), so its product splits as W_e e_t + W_1 [h~_{t-1}; h_{t-1}]. The word part depends on
     no earlier step: teacher forcing computes it for all T positions in one product (word_gates);
     only W_1 [h~_{t-1}; h_{t-1}] and the upper layers are computed step by step. One matrix
-    [W_ih | W_hh] per layer, not nn.LSTMCell's two, is one product (and one gradient) per step."""
+    [W_ih | W_hh] per layer, not nn.LSTMCell's two, is one product (and one gradient) per step.
+    Each product is an nn.Linear, so torch's dynamic int8 quantisation applies to all of them."""
 
     def __init__(self, emb_dim, feed_dim, hidden, layers, dropout):
         super().__init__()
         inputs = [feed_dim] + [hidden] * (layers - 1)             # per layer, besides h_{t-1}
-        self.W_e = nn.Parameter(torch.empty(4 * hidden, emb_dim))
-        self.W = nn.ParameterList(nn.Parameter(torch.empty(4 * hidden, n + hidden)) for n in inputs)
-        self.b = nn.ParameterList(nn.Parameter(torch.empty(4 * hidden)) for _ in inputs)
+        self.W_e = nn.Linear(emb_dim, 4 * hidden, bias=False)
+        self.W = nn.ModuleList(nn.Linear(n + hidden, 4 * hidden) for n in inputs)   # W_l and b_l
         self.drop = nn.Dropout(dropout)
 
     def word_gates(self, emb):
-        """emb (..., E) -> W_e e + b_1 (..., 4H): layer 1's share of the word."""
-        return F.linear(emb, self.W_e, self.b[0])
+        """emb (..., E) -> W_e e (..., 4H): layer 1's share of the word."""
+        return self.W_e(emb)
 
     def forward(self, word_gates, feed, h, c):
         """One step. word_gates (B, 4H); feed (B, H) = h~_{t-1}, or None without input feeding;
@@ -106,10 +105,9 @@ class DecoderLSTM(nn.Module):
         for i, W in enumerate(self.W):
             if i == 0:
                 x = h[:, 0] if feed is None else torch.cat([feed, h[:, 0]], 1)       # (B, H_f + H)
-                gates = torch.addmm(word_gates, x, W.t())                           # (B, 4H)
+                gates = word_gates + W(x)                                           # (B, 4H)
             else:
-                x = torch.cat([self.drop(hs[-1]), h[:, i]], 1)   # dropout between layers (B, 2H)
-                gates = torch.addmm(self.b[i], x, W.t())
+                gates = W(torch.cat([self.drop(hs[-1]), h[:, i]], 1))   # dropout between layers
             i_, f, g, o = gates.chunk(4, 1)
             cs.append(torch.sigmoid(f) * c[:, i] + torch.sigmoid(i_) * torch.tanh(g))
             hs.append(torch.sigmoid(o) * torch.tanh(cs[-1]))
@@ -118,19 +116,19 @@ class DecoderLSTM(nn.Module):
 
 def from_lstm_cells(state):
     """A state dict saved when the decoder was nn.LSTMCell modules (cells.i.weight_ih, weight_hh,
-    bias_ih, bias_hh) -> DecoderLSTM's names (rnn.W_e, rnn.W.i, rnn.b.i), so that older
-    checkpoints still load. The same weights: W_e = W_ih[:, :E], W_i = [W_ih[:, E:] | W_hh],
+    bias_ih, bias_hh) -> DecoderLSTM's names (rnn.W_e.weight, rnn.W.i.weight, rnn.W.i.bias), so
+    that older checkpoints still load. The same weights: W_e = W_ih[:, :E], W_i = [W_ih[:, E:] | W_hh],
     b_i = b_ih + b_hh. Returns the new state and {old name: [new names]} (for pruning masks)."""
     state, renamed, i = dict(state), {}, 0
     while f"cells.{i}.weight_ih" in state:
         w_ih, w_hh = state.pop(f"cells.{i}.weight_ih"), state.pop(f"cells.{i}.weight_hh")
-        state[f"rnn.b.{i}"] = state.pop(f"cells.{i}.bias_ih") + state.pop(f"cells.{i}.bias_hh")
+        state[f"rnn.W.{i}.bias"] = state.pop(f"cells.{i}.bias_ih") + state.pop(f"cells.{i}.bias_hh")
         E = state["tgt_embed.weight"].size(1) if i == 0 else 0
         if i == 0:
-            state["rnn.W_e"] = w_ih[:, :E].contiguous()
-        state[f"rnn.W.{i}"] = torch.cat([w_ih[:, E:], w_hh], 1)
-        renamed[f"cells.{i}.weight_ih"] = (["rnn.W_e"] if i == 0 else []) + [f"rnn.W.{i}"]
-        renamed[f"cells.{i}.weight_hh"] = [f"rnn.W.{i}"]
+            state["rnn.W_e.weight"] = w_ih[:, :E].contiguous()
+        state[f"rnn.W.{i}.weight"] = torch.cat([w_ih[:, E:], w_hh], 1)
+        renamed[f"cells.{i}.weight_ih"] = (["rnn.W_e.weight"] if i == 0 else []) + [f"rnn.W.{i}.weight"]
+        renamed[f"cells.{i}.weight_hh"] = [f"rnn.W.{i}.weight"]
         i += 1
     return state, renamed
 

@@ -106,9 +106,9 @@ def test_uniform_initialisation_in_range():
 
 def test_no_input_feed_has_smaller_first_layer():
     with_feed, without = tiny(input_feed=True), tiny(input_feed=False)
-    assert with_feed.rnn.W_e.shape == without.rnn.W_e.shape == (4 * 16, 8)   # the word's part
-    assert with_feed.rnn.W[0].shape[1] == 16 + 16    # [h~_{t-1}; h_{t-1}]
-    assert without.rnn.W[0].shape[1] == 16           # h_{t-1} only
+    assert with_feed.rnn.W_e.weight.shape == without.rnn.W_e.weight.shape == (4 * 16, 8)   # the word's part
+    assert with_feed.rnn.W[0].weight.shape[1] == 16 + 16    # [h~_{t-1}; h_{t-1}]
+    assert without.rnn.W[0].weight.shape[1] == 16           # h_{t-1} only
 
 
 def test_presets_have_the_papers_sizes():
@@ -149,7 +149,7 @@ def test_decoder_equals_lstmcells_and_their_checkpoints_load(tmp_path):
     old = {k: v for k, v in m.state_dict().items() if not k.startswith("rnn.")}
     old.update({f"cells.{k}": v for k, v in cells.state_dict().items()})
     new, renamed = lstm.from_lstm_cells(old)
-    assert renamed["cells.0.weight_ih"] == ["rnn.W_e", "rnn.W.0"]
+    assert renamed["cells.0.weight_ih"] == ["rnn.W_e.weight", "rnn.W.0.weight"]
     assert sorted(new) == sorted(m.state_dict())
     m.load_state_dict(new)
     src, src_mask = padded(SRC, 5)
@@ -163,5 +163,5 @@ def test_decoder_equals_lstmcells_and_their_checkpoints_load(tmp_path):
                        "model": old, "masks": ["cells.1.weight_hh"]}, tmp_path / "old.pt")
     loaded = M.load_checkpoint(str(tmp_path / "old.pt"))
     M.model_from_checkpoint(loaded)
-    assert set(loaded["masks"]) == {"rnn.W.1"}
-    assert (~loaded["masks"]["rnn.W.1"]).sum() == 3
+    assert set(loaded["masks"]) == {"rnn.W.1.weight"}
+    assert (~loaded["masks"]["rnn.W.1.weight"]).sum() == 3
