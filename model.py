@@ -20,6 +20,8 @@ entry, whatever the architecture. Each model class has `arch` ("lstm" or "t5") a
 import contextlib
 import math
 import os
+import sys
+import warnings
 from dataclasses import fields
 
 import torch
@@ -159,6 +161,23 @@ def model_from_checkpoint(ckpt, device="cpu"):
         first = str(e).strip().splitlines()[0]
         raise UserError(f"checkpoint weights do not fit its {ckpt['arch']} config: {first}") from None
     return model.to(device).eval()
+
+
+def int8_model(model):
+    """The model for int8 decoding on the CPU, quantised at load (the checkpoint stays float32):
+    torch's dynamic quantisation stores the weights of every nn.Linear and nn.LSTM as int8 (one
+    scale per tensor) and quantises their inputs on the fly, so the matrix products run in int8.
+    Embeddings stay float32: a look-up does no arithmetic, so int8 would save memory, not time.
+    Where this torch has no int8 kernels, it says so and returns the float32 model."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # torch.ao.quantization's deprecation notice
+            return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM},
+                                                          dtype=torch.qint8)
+    except (AttributeError, ImportError, RuntimeError, NotImplementedError) as e:
+        print(f"int8: not available in torch {torch.__version__} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+              "decoding in float32", file=sys.stderr)
+        return model
 
 
 def pick_device(name=None):

@@ -22,7 +22,7 @@ import data
 import runs
 from beam import bleu, decode_ids
 from data import UserError
-from model import load_checkpoint, model_from_checkpoint, pick_device
+from model import int8_model, load_checkpoint, model_from_checkpoint, pick_device
 from report import format_report, show_attention, table1_report
 
 
@@ -217,6 +217,7 @@ def parse_args(argv=None):
     p.add_argument("--max-len-b", type=int, default=10, help="see --max-len-a (default b=10)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--int8", action="store_true", help="decode with int8 weights (CPU; model.int8_model)")
     p.add_argument("--bleu-tokenize", help="sacrebleu tokenizer: 13a for raw text, none for "
                                            "pre-tokenized text (default: the one training used, else 13a)")
     p.add_argument("--shard", default="1/1",
@@ -281,6 +282,10 @@ def run(args):
     rank, world, device = runs.setup_processes(pick_device(args.device), timeout_hours=48)
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt, device)
+    if args.int8:
+        if device.type != "cpu":
+            raise UserError(f"--int8 decodes on the CPU, not {device}: add --device cpu")
+        model = int8_model(model)
     src_vocab, tgt_vocab = data.vocabs_from_checkpoint(ckpt)
     lines = data.read_lines(args.src)
     refs = data.read_lines(args.ref) if args.ref else None

@@ -232,3 +232,13 @@ def test_cli_seq_inter_and_shard(ckpt_files, capsys):
             parts.append(fh.read())
     m, sv, tv, _ = tiny_lstm()
     assert "".join(parts) == "".join(h + "\n" for h in beam.translate(m, sv, tv, SRC, beam=2))
+
+
+def test_cli_int8_decodes_with_the_quantised_model(ckpt_files):
+    f = ckpt_files
+    out = os.path.join(f["dir"], "hyp8.txt")
+    translate.main(["--ckpt", f["ckpt"], "--src", f["src"], "--out", out, "--int8", "--beam", "1", "--no-progress"])
+    with open(out, encoding="utf-8") as fh:
+        hyps = fh.read().split("\n")[:-1]
+    m, sv, tv, _ = tiny_lstm()
+    assert hyps == beam.translate(seqmodel.int8_model(m.eval()), sv, tv, SRC, beam=1)
