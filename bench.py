@@ -8,7 +8,8 @@ Training: random sentences of 5-20 tokens over a 500-word vocabulary, 64 sentenc
 (bucketed by length, as train.py batches), general attention, input feeding, dropout 0.2, Adam,
 clipping at 5; full steps (forward + backward + update) timed after warm-up, in non-padding
 target tokens (EOS included) per second. GFLOP/s counts the model's multiply-adds (`forward_macs`)
-x 2 (FLOPs) x 3 (forward + backward), beside a plain large matmul's: how much of the hardware is used.
+x 2 (FLOPs) x 3 (forward + backward), beside a plain large matmul's and beside the rate of the
+decoder's own products at their own shapes (decoder_product_shapes): how much of the hardware is used.
 
 Decoding: random weights never emit EOS reliably, so every output is exactly as long as its
 source (max_len_a=1, max_len_b=0), which is how long a real translation roughly is. Speed is
@@ -37,6 +38,34 @@ def matmul_gflops(n=2048, repeats=10):
     for _ in range(repeats):
         a @ b
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def shapes_gflops(shapes, repeats=10):
+    """GFLOP/s of float32 matrix products of the given shapes [(m, k, n, count)], each timed alone
+    and weighted by its count: the machine's rate for the products a model really does (a product
+    with m = 64 rows runs slower than 2048 x 2048)."""
+    flops = seconds = 0.0
+    for m, k, n, count in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(2):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds += (time.perf_counter() - t0) / repeats * count
+        flops += 2 * m * k * n * count
+    return flops / seconds / 1e9
+
+
+def decoder_product_shapes(cfg, batch, tgt_len):
+    """The matrix products of one training step of the LSTM's decoder and output layer, (m, k, n,
+    count): per step each layer's W [x; h] and W_c [c; h], once for all positions the word gates
+    and the output layer; for each, backward's input-gradient and weight-gradient products.
+    (The encoder is left out: its mkldnn LSTM does its own products.)"""
+    E, H, V, B, T = cfg.emb_dim, cfg.hidden, cfg.tgt_vocab, batch, tgt_len
+    forward = [(B, (H if cfg.input_feed else 0) + H, 4 * H, T)] + [(B, 2 * H, 4 * H, T)] * (cfg.layers - 1)
+    forward += [(B, 2 * H, H, T), (B * T, E, 4 * H, 1), (B * T, H, V, 1)]
+    return [shape for m, k, n, c in forward for shape in ((m, k, n, c), (m, n, k, c), (k, m, n, c))]
 
 
 def random_examples(n, vocab, min_len=5, max_len=20, seed=0):
@@ -182,6 +211,7 @@ def main(argv=None):
         row = {"size": size, "params": M.count_params(M.Seq2Seq(cfg))}
         if not args.skip_train:
             row.update(bench_train(cfg, train_set, args.batch_size, args.steps))
+            row["shapes_gflops"] = shapes_gflops(decoder_product_shapes(cfg, args.batch_size, 13))
         row["greedy_words_s"] = bench_decode(cfg, decode_set, 1)
         row[f"beam{args.beam}_words_s"] = bench_decode(cfg, decode_set, args.beam)
         rows.append(row)
@@ -194,7 +224,8 @@ def main(argv=None):
     print(f"| LSTM | params | train tgt tok/s | train GFLOP/s | greedy src words/s | beam {args.beam} src words/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        train = (f"{r['train_tok_s']:,.0f} | {r['train_gflops']:.0f} ({100 * r['train_gflops'] / peak:.0f}% of matmul)"
+        train = (f"{r['train_tok_s']:,.0f} | {r['train_gflops']:.0f} ({100 * r['train_gflops'] / peak:.0f}% of "
+                 f"matmul, {100 * r['train_gflops'] / r['shapes_gflops']:.0f}% of its shapes' products)"
                  if "train_tok_s" in r else "- | -")
         print(f"| {r['size']} | {r['params'] / 1e6:.1f}m | {train} | {r['greedy_words_s']:,.0f} | {r[beam_key]:,.0f} |")
     by_size = {r["size"]: r for r in rows}

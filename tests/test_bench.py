@@ -33,3 +33,13 @@ def test_measurements_run_on_a_tiny_model():
     assert train["train_tok_s"] > 0 and train["train_gflops"] > 0
     assert bench.bench_decode(cfg, examples, beam_size=1) > 0
     assert bench.bench_decode(cfg, examples, beam_size=3) > 0
+
+
+def test_decoder_product_shapes_count_the_decoders_multiply_adds_three_times():
+    # E=2, H=4, V=5, one layer, 1 sentence of 2 target tokens. Forward: W [h~; h] (1x8)(8x16) = 128
+    # and W_c (1x8)(8x4) = 32 per token -> 2 * 160 = 320; word gates (2x2)(2x16) = 64; output
+    # (2x4)(4x5) = 40 -> 424, forward_macs' decoder without attention (2 * (160 + 32 + 20)).
+    # Backward does two products of the same size for each: 3 * 424.
+    shapes = bench.decoder_product_shapes(tiny_cfg(), batch=1, tgt_len=2)
+    assert sum(m * k * n * c for m, k, n, c in shapes) == 3 * 424
+    assert bench.shapes_gflops([(8, 8, 8, 1)], repeats=1) > 0
