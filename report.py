@@ -6,7 +6,7 @@ import math
 import time
 
 import torch
-from sacrebleu.metrics import BLEU
+from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
 from beam import bleu, decode_ids, model_device, pad_sources, score_pairs
@@ -19,12 +19,14 @@ def table1_report(model, src_vocab, tgt_vocab, src_lines, ref_lines, beam=5, bat
     """The columns of Kim & Rush (2016), Table 1, for one model on a test set.
 
       bleu_greedy, bleu_beam   corpus BLEU of greedy and beam-K output
+      chrf_greedy, chrf_beam   their corpus chrF (sacrebleu's CHRF, character 6-grams, β = 2)
       ppl                      perplexity on the references: exp(- Σ score(ref) / Σ |ref|),
                                |ref| counting EOS (token-mean NLL, as in training)
       p_greedy, p_beam         p(t = ŷ): the probability the model gives its own output,
                                mean over sentences of exp(score(ŷ)) (teacher-forced, incl. EOS);
                                the paper's measure of how peaked the distribution is
       words_per_s_*            source words per second of each search
+      hyps_greedy, hyps_beam   the outputs, and refs the references, for significance tests
     Pairs with an empty side are left out. Returns a dict (JSON-ready)."""
     pairs = [(s, r) for s, r in zip(src_lines, ref_lines) if s.strip() and r.strip()]
     if not pairs:
@@ -37,31 +39,37 @@ def table1_report(model, src_vocab, tgt_vocab, src_lines, ref_lines, beam=5, bat
     ref_scores = score_pairs(model, src_seqs, ref_seqs, batch_size)
     ppl = math.exp(-sum(ref_scores) / sum(len(r) + 1 for r in ref_seqs))   # +1: EOS
     report = {"sentences": len(pairs), "src_words": src_words, "params": count_params(model),
-              "beam": beam, "ppl": ppl}
+              "beam": beam, "ppl": ppl, "refs": refs}
     for name, k in (("greedy", 1), ("beam", beam)):
         t0 = time.perf_counter()
         results = decode_ids(model, src_seqs, beam=k, batch_size=batch_size, max_len_a=max_len_a,
                              max_len_b=max_len_b, length_norm=length_norm)
         seconds = time.perf_counter() - t0
         hyp_seqs = [entries[0][0] for entries in results]
-        result = bleu([tgt_vocab.decode(h) for h in hyp_seqs], refs, tokenize)
+        hyps = [tgt_vocab.decode(h) for h in hyp_seqs]
+        result, chrf = bleu(hyps, refs, tokenize), CHRF()
         own_scores = score_pairs(model, src_seqs, hyp_seqs, batch_size)
         report[f"bleu_{name}"] = result.score
+        report[f"chrf_{name}"] = chrf.corpus_score(hyps, [refs]).score
+        report[f"hyps_{name}"] = hyps
         report[f"p_{name}"] = sum(math.exp(s) for s in own_scores) / len(own_scores)  # p(t = ŷ)
         report[f"words_per_s_{name}"] = src_words / max(seconds, 1e-9)
-    report["bleu_signature"] = result.signature
+    report["bleu_signature"], report["chrf_signature"] = result.signature, str(chrf.get_signature())
     return report
 
 
 def format_report(report):
     """The report as a small Markdown table plus perplexity, parameters and BLEU signature."""
-    lines = ["| search | BLEU | p(t = ŷ) | src words/s |", "|---|---:|---:|---:|"]
+    lines = ["| search | BLEU | chrF | p(t = ŷ) | src words/s |", "|---|---:|---:|---:|---:|"]
     for label, key in [("greedy", "greedy"), (f"beam {report['beam']}", "beam")]:
-        lines.append(f"| {label} | {report[f'bleu_{key}']:.2f} | {100 * report[f'p_{key}']:.2f}% "
+        lines.append(f"| {label} | {report[f'bleu_{key}']:.2f} | {report.get(f'chrf_{key}', math.nan):.2f} "
+                     f"| {100 * report[f'p_{key}']:.2f}% "
                      f"| {report[f'words_per_s_{key}']:.0f} |")
     lines.append(f"perplexity on the references: {report['ppl']:.2f}   "
                  f"parameters: {report['params']:,}   sentences: {report['sentences']}")
     lines.append(f"BLEU signature: {report['bleu_signature']}")
+    if "chrf_signature" in report:
+        lines.append(f"chrF signature: {report['chrf_signature']}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ half-finished training resumes with train.py --resume, a translation from its OU
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -234,9 +235,9 @@ def markdown_table(rows, k):
     """rows: [(name, report)] in the recipe's ROWS order. Δ columns: against the last row above
     whose name ends in "baseline" (Table 1: the teacher baseline for teacher rows, the student
     baseline for student rows)."""
-    head = (f"| Model | BLEU greedy | Δ | BLEU beam {k} | Δ | PPL | p(t = ŷ) | Params | "
-            f"src words/s greedy | src words/s beam {k} |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (f"| Model | BLEU greedy | Δ | BLEU beam {k} | Δ | chrF greedy | chrF beam {k} | PPL | p(t = ŷ) | "
+            f"Params | src words/s greedy | src words/s beam {k} |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     baseline = None
     for name, r in rows:
         if name.endswith("baseline"):
@@ -244,7 +245,8 @@ def markdown_table(rows, k):
         d_greedy = r["bleu_greedy"] - baseline["bleu_greedy"]
         d_beam = r["bleu_beam"] - baseline["bleu_beam"]
         lines.append(f"| {name} | {r['bleu_greedy']:.2f} | {d_greedy:+.2f} | {r['bleu_beam']:.2f} | "
-                     f"{d_beam:+.2f} | {r['ppl']:.2f} | {100 * r['p_beam']:.1f}% | {r['params']:,} | "
+                     f"{d_beam:+.2f} | {r.get('chrf_greedy', math.nan):.2f} | {r.get('chrf_beam', math.nan):.2f} | "
+                     f"{r['ppl']:.2f} | {100 * r['p_beam']:.1f}% | {r['params']:,} | "
                      f"{r['words_per_s_greedy']:,.0f} | {r['words_per_s_beam']:,.0f} |")
     return "\n".join(lines)
 
@@ -261,7 +263,8 @@ def report_and_table(step, title, stem, run_dir, rows_spec, S, setting_name, tes
     table = markdown_table(rows, S["report_beam"])
     seconds = time.time() - t_start
     note = (f"Test set: {test_src} ({rows[0][1]['sentences']} sentences). BLEU: sacrebleu "
-            f"({rows[0][1].get('bleu_signature', '')}). {delta_note} PPL: perplexity on the references. "
+            f"({rows[0][1].get('bleu_signature', '')}); chrF: sacrebleu ({rows[0][1].get('chrf_signature', '')}). "
+            f"{delta_note} PPL: perplexity on the references. "
             f"p(t = ŷ): mean probability of the model's own beam-{S['report_beam']} output. Speed: source "
             f"words/s on device '{pick_device(device)}'. This invocation took {seconds / 60:.1f} min.")
     result = {"setting": setting_name, "settings": S, "run_dir": str(run_dir), "seconds": seconds,

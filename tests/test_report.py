@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from sacrebleu.metrics import CHRF
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -24,6 +25,10 @@ def test_p_t_equals_y_hat_is_the_product_of_table_probabilities():
     # perplexity on the references "b" (.4 * .9, 2 tokens) and "a b" (.45 * .9 * .9, 3 tokens)
     assert r["ppl"] == pytest.approx(math.exp(-(L(.36) + L(.3645)) / 5), rel=1e-5)
     assert "BLEU" in report.format_report(r) and "nrefs:1" in r["bleu_signature"]
+    # the outputs themselves, their chrF (sacrebleu's), and the references they align with
+    assert r["hyps_greedy"] == ["a", ""] and r["hyps_beam"] == ["b", ""] and r["refs"] == ["b", "a b"]
+    assert r["chrf_beam"] == pytest.approx(CHRF().corpus_score(["b", ""], [["b", "a b"]]).score)
+    assert "nc:6|nw:0" in r["chrf_signature"] and "| chrF |" in report.format_report(r)
 
 
 def test_heatmap_rows_columns_and_shades():
