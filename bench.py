@@ -29,15 +29,9 @@ import model as M
 import runs
 
 
-def matmul_gflops(n=2048, repeats=10):
+def matmul_gflops(n=2048):
     """GFLOP/s of a plain n x n float32 matrix product: the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+    return shapes_gflops([(n, n, n, 1)])
 
 
 def shapes_gflops(shapes, repeats=10):
@@ -211,7 +205,8 @@ def main(argv=None):
         row = {"size": size, "params": M.count_params(M.Seq2Seq(cfg))}
         if not args.skip_train:
             row.update(bench_train(cfg, train_set, args.batch_size, args.steps))
-            row["shapes_gflops"] = shapes_gflops(decoder_product_shapes(cfg, args.batch_size, 13))
+            mean_tgt = round(sum(len(t) + 1 for _, t in train_set) / len(train_set))    # + EOS
+            row["shapes_gflops"] = shapes_gflops(decoder_product_shapes(cfg, args.batch_size, mean_tgt))
         row["greedy_words_s"] = bench_decode(cfg, decode_set, 1)
         row[f"beam{args.beam}_words_s"] = bench_decode(cfg, decode_set, args.beam)
         rows.append(row)

@@ -123,11 +123,11 @@ def from_lstm_cells(state):
     while f"cells.{i}.weight_ih" in state:
         w_ih, w_hh = state.pop(f"cells.{i}.weight_ih"), state.pop(f"cells.{i}.weight_hh")
         state[f"rnn.W.{i}.bias"] = state.pop(f"cells.{i}.bias_ih") + state.pop(f"cells.{i}.bias_hh")
-        E = state["tgt_embed.weight"].size(1) if i == 0 else 0
-        if i == 0:
+        E = state["tgt_embed.weight"].size(1) if i == 0 else 0    # layer 1's first E inputs: the word
+        if E:
             state["rnn.W_e.weight"] = w_ih[:, :E].contiguous()
         state[f"rnn.W.{i}.weight"] = torch.cat([w_ih[:, E:], w_hh], 1)
-        renamed[f"cells.{i}.weight_ih"] = (["rnn.W_e.weight"] if i == 0 else []) + [f"rnn.W.{i}.weight"]
+        renamed[f"cells.{i}.weight_ih"] = (["rnn.W_e.weight"] if E else []) + [f"rnn.W.{i}.weight"]
         renamed[f"cells.{i}.weight_hh"] = [f"rnn.W.{i}.weight"]
         i += 1
     return state, renamed

@@ -128,12 +128,11 @@ def paired_bootstrap(baseline, system, refs, tokenize="13a", samples=1000):
     Two-sided; sacrebleu's fixed seed (12345, or $SACREBLEU_SEED). Returns (system BLEU, baseline
     BLEU, p-value). Identical outputs give p = 1 (sacrebleu would return 1 / (samples + 1): zero
     differences, none above the real zero)."""
-    metric = lambda: BLEU(tokenize=tokenize)  # noqa: E731  (a fresh metric per use: it caches refs)
-    base_score = metric().corpus_score(baseline, [refs]).score
+    base_score = bleu(baseline, refs, tokenize).score
     if list(baseline) == list(system):
         return base_score, base_score, 1.0
-    test = PairedTest([("baseline", list(baseline)), ("system", list(system))], {"BLEU": metric()}, [refs],
-                      test_type="bs", n_samples=samples)
+    test = PairedTest([("baseline", list(baseline)), ("system", list(system))], {"BLEU": BLEU(tokenize=tokenize)},
+                      [refs], test_type="bs", n_samples=samples)
     _, scores = test()
     result = scores["BLEU"][1]
     return result.score, base_score, result.p_value
