@@ -15,18 +15,21 @@ interrupt). The settings are in RUN_DIR/settings.json; other settings need anoth
            entry closest to the reference by smoothed sentence BLEU (section 3.3)
                                                                  -> distill/train.seqinter.TGT
   step 4   teacher + Seq-Inter: fine-tune the teacher on the Seq-Inter data (smaller lr)
-  step 5   student baseline: NLL on the reference translations
-  step 6   Word-KD: the student matches the teacher's word distributions on the references (3.1)
-  step 7   Seq-KD: NLL on the Seq-KD data
-  step 8   Seq-KD + Seq-Inter: fine-tune the Seq-KD student on the Seq-Inter data (smaller lr);
-           the student Table 3 prunes (recipes/prune_table3.py can start once it exists)
-  step 9   Seq-KD + Word-KD: Word-KD on the Seq-KD data
-  step 10  Seq-KD + Seq-Inter + Word-KD: fine-tune the Seq-KD + Word-KD student on the Seq-Inter
-           data with Word-KD (our reading of the paper's last row)
-  step 11  the Table 1 columns of every model on the test set (translate.py --report)
-  step 12  the table, and the paper's six claims checked on it (check_claims):
-           RUN_DIR/table1.md and RUN_DIR/table1.json
+  step 5   every student row, once per seed of the setting (FOLDER_s1, FOLDER_s2, ...):
+             student baseline        NLL on the reference translations
+             Word-KD                 the student matches the teacher's word distributions (3.1)
+             Seq-KD                  NLL on the Seq-KD data
+             Seq-KD + Word-KD        Word-KD on the Seq-KD data
+             Seq-KD + Seq-Inter      the Seq-KD student fine-tuned on the Seq-Inter data (smaller
+                                     lr); the student Table 3 prunes (recipes/prune_table3.py)
+             Seq-KD + Seq-Inter + Word-KD   the Seq-KD + Word-KD student fine-tuned on the
+                                     Seq-Inter data with Word-KD (our reading of the last row)
+  step 6   the Table 1 columns of every model on the test set (translate.py --report)
+  step 7   the table, every seed's row and the mean ± sd over seeds, each student's paired
+           bootstrap against the baseline of its seed, and the paper's six claims decided on
+           them (seed_claims): RUN_DIR/table1.md and RUN_DIR/table1.json
 
+A setting may train only some rows (SETTINGS[...]["rows"]); the claims of the others are "not run".
 Every student takes the teacher's vocabularies (--vocab-from, or --teacher/--init which imply
 it), so Word-KD compares distributions over the same words. Every model is chosen by validation
 greedy BLEU (train.py --best-metric bleu), the same rule for every row: a Seq-KD student's
@@ -42,36 +45,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # steps.py, next to this file
 
 import steps  # noqa: E402
+from report import paired_bootstrap  # noqa: E402
 from steps import train_step, translate_step  # noqa: E402
 
 
 # Hyper-parameters, fixed up front, one dict per setting --------------------------------------
-# The student has about 1/4 of the teacher's parameters (the paper's 2x500 student against its
-# 4x1000 teacher is ~1/4-1/5).
+# seeds: every student row is trained once per seed (the teacher and the distilled data once, with
+# --seed); rows: the rows of ROWS this setting trains (the claims of a missing row are "not run").
 
 SETTINGS = {
-    # A real corpus (e.g. Multi30k, 29k pairs) on 2 CPU cores in about 1.5-2 hours. A joint
-    # 8k-piece sentencepiece vocabulary; teacher 2x256 (8.5M parameters with an 8k vocabulary),
-    # student 2x128 with 64-dim embeddings (2.6M, about 0.3 of the teacher).
+    # A real corpus (Multi30k, 29k pairs), settings chosen on validation data only (BENCHMARKS.md,
+    # "Kim & Rush on Multi30k, converged and with seeds"): sentencepiece 6,000 pieces per side;
+    # teacher 2x192 with 192-dim embeddings (4.76M parameters), student 2x96 with 96-dim embeddings
+    # (2.06M, 0.43 of the teacher; its recurrent and attention weights are 1/4 of the teacher's).
+    # Both at the rate the sweep chose for a 2x192 model; every model trains until its validation
+    # BLEU has not improved for 2 epochs, halving the rate when the validation perplexity rises.
+    # The four rows, three seeds: about 2 hours as two one-thread processes on 2 CPU cores.
     "corpus": dict(
-        tokenizer=["--tokenizer", "spm", "--joint-vocab", "--src-vocab-size", "8000",
-                   "--tgt-vocab-size", "8000"],
-        # Bidirectional encoders: a first run with unidirectional ones had the teacher at 11.9
-        # validation BLEU after 5 epochs, where the bidirectional 2x384 model of BENCHMARKS.md had 31.3.
-        teacher=["--layers", "2", "--hidden", "256", "--emb-dim", "256", "--bidirectional", "--dropout", "0.3"],
-        student=["--layers", "2", "--hidden", "128", "--emb-dim", "64", "--bidirectional", "--dropout", "0.2"],
-        optim=["--optim", "adam", "--batch-size", "64", "--decay-after", "7"],
-        lr=1e-3,              # Adam, teacher and students
-        finetune_lr=1e-4,     # Seq-Inter fine-tuning: 10x smaller (the paper fine-tunes with a smaller rate)
-        teacher_epochs=10,
-        student_epochs=10,
-        finetune_epochs=2,
+        tokenizer=["--tokenizer", "spm", "--src-vocab-size", "6000", "--tgt-vocab-size", "6000"],
+        teacher=["--layers", "2", "--hidden", "192", "--emb-dim", "192", "--bidirectional", "--dropout", "0.3"],
+        student=["--layers", "2", "--hidden", "96", "--emb-dim", "96", "--bidirectional", "--dropout", "0.2"],
+        optim=["--optim", "adam", "--batch-size", "64", "--decay-on-plateau", "--patience", "2"],
+        lr=5e-3,              # Adam, teacher and students
+        finetune_lr=5e-4,     # Seq-Inter fine-tuning: 10x smaller (the paper fine-tunes with a smaller rate)
+        teacher_epochs=25,    # ceilings: --patience 2 stops every run before them
+        student_epochs=25,
+        finetune_epochs=5,
         kd_alpha=0.5,         # the paper's alpha, T = 1
         seqkd_beam=5,         # the paper's K for Seq-KD data
-        seqinter_beam=12,     # the paper used K = 35; 12 keeps the 29k-sentence pass to ~15 min on 2 CPU cores
+        seqinter_beam=5,      # the paper used K = 35
         report_beam=5,
         max_train=None,       # use every training pair
         max_eval=None,        # and every validation and test pair
+        seeds=[1, 2, 3],
+        rows=["teacher", "student", "student_wordkd", "student_seqkd"],
     ),
     # The built-in synthetic corpus (synthetic.builtin_splits: 20k training pairs, 500 valid, 500 test),
     # the whole table in about 10-15 minutes on 2 CPU cores. The training settings are those of
@@ -94,19 +101,22 @@ SETTINGS = {
         report_beam=5,
         max_train=None,
         max_eval=None,
+        seeds=[1],
+        rows=None,            # every row
     ),
 }
 # Absurdly small: only checks that every step runs (tests/test_recipes.py). The built-in setting
 # with tiny models, one student epoch (ten for the teacher, so that its beam output is more than
-# </s>: the Seq-KD step refuses an empty corpus), small beams and a slice of the corpus.
+# </s>: the Seq-KD step refuses an empty corpus), small beams, a slice of the corpus, two seeds.
 SETTINGS["smoke"] = dict(
     SETTINGS["builtin"],
     teacher=["--layers", "1", "--hidden", "16", "--emb-dim", "8", "--dropout", "0.0"],
     student=["--layers", "1", "--hidden", "8", "--emb-dim", "8", "--dropout", "0.0"],
     lr=1e-2, finetune_lr=1e-3, teacher_epochs=10, student_epochs=1,
-    seqkd_beam=2, seqinter_beam=3, report_beam=2, max_train=200, max_eval=50)
+    seqkd_beam=2, seqinter_beam=3, report_beam=2, max_train=200, max_eval=50, seeds=[1, 2])
 
-# The rows of Table 1: (name, model folder under the run folder).
+# The rows of Table 1: (name, model folder under the run folder). A student row's models are
+# FOLDER_s1, FOLDER_s2, ..., one per seed of the setting.
 ROWS = [
     ("Teacher baseline", "teacher"),
     ("Teacher + Seq-Inter", "teacher_seqinter"),
@@ -117,53 +127,128 @@ ROWS = [
     ("Seq-KD + Seq-Inter", "student_seqkd_seqinter"),
     ("Seq-KD + Seq-Inter + Word-KD", "student_seqkd_wordkd_seqinter"),
 ]
+# How each student row trains: (what it learns from, the folder it is fine-tuned from, Word-KD?).
+# "ref": the references, "seqkd": the teacher's beam output, "seqinter": the Seq-Inter selection.
+STUDENTS = {
+    "student": ("ref", None, False),
+    "student_wordkd": ("ref", None, True),
+    "student_seqkd": ("seqkd", None, False),
+    "student_seqkd_wordkd": ("seqkd", None, True),
+    "student_seqkd_seqinter": ("seqinter", "student_seqkd", False),
+    "student_seqkd_wordkd_seqinter": ("seqinter", "student_seqkd_wordkd", True),  # our reading of the last row
+}
 
 
-# The paper's claims, each a test on the table. The thresholds are ours, fixed with the
-# recipe: "several times" is at least 2x, "about the teacher's beam BLEU" is within 1 BLEU, and
-# "greedy ≈ beam" is at least the beam BLEU minus 0.5.
+# The paper's claims, each a test on one table ({model folder: report}, one seed). The thresholds
+# are ours, fixed with the recipe: "several times" is at least 2x, "about the teacher's beam BLEU"
+# is within 1 BLEU, and "greedy ≈ beam" is at least the beam BLEU minus 0.5.
+CLAIMS = [  # (claim, the folders it needs, the student row the paired bootstrap tests against the baseline)
+    ("1. Seq-KD student greedy BLEU > student baseline (paper: +4.2)", ["student", "student_seqkd"],
+     "student_seqkd"),
+    ("2. Word-KD improves on the baseline, less than Seq-KD (paper: +0.7)",
+     ["student", "student_wordkd", "student_seqkd"], "student_wordkd"),
+    ("3. Seq-KD gains less from beam search than the baseline (paper: +0.1 vs +2.9)",
+     ["student", "student_seqkd"], None),
+    ("4. p(t = ŷ) of Seq-KD ≥ 2x the baseline's, perplexity higher (paper: 16.9% vs 0.9%; 22.7 vs 8.2)",
+     ["student", "student_seqkd"], None),
+    ("5. Teacher + Seq-Inter greedy ≥ teacher beam − 0.5 (paper: 19.6 vs 19.5)", ["teacher", "teacher_seqinter"],
+     None),
+    ("6. Seq-KD greedy ≥ 5x faster than teacher beam, within 1 BLEU of it", ["teacher", "student_seqkd"], None),
+]
+
+
 def check_claims(r):
-    """r: {model folder: report}. Returns [(claim, holds, the numbers)] for the six claims."""
-    t, tsi, base = r["teacher"], r["teacher_seqinter"], r["student"]
-    wkd, skd = r["student_wordkd"], r["student_seqkd"]
-    # BLEU differences at the table's precision, so that a "+0.00" never counts as a gain
-    d_skd = round(skd["bleu_greedy"] - base["bleu_greedy"], 2)
-    d_wkd = round(wkd["bleu_greedy"] - base["bleu_greedy"], 2)
-    gain_skd = round(skd["bleu_beam"] - skd["bleu_greedy"], 2)
-    gain_base = round(base["bleu_beam"] - base["bleu_greedy"], 2)
-    p_ratio = skd["p_beam"] / max(base["p_beam"], 1e-12)
+    """r: {model folder: report}. Returns [(claim, holds, the numbers)] for the six claims;
+    holds is None for a claim whose rows are not in r."""
+    out = []
+    for i, (claim, needs, _) in enumerate(CLAIMS):
+        out.append((claim, *claim_test(i, r)) if all(f in r for f in needs) else (claim, None, "not run"))
+    return out
+
+
+def claim_test(i, r):
+    """(holds, numbers) of claim i on r. BLEU differences at the table's precision, so that a
+    "+0.00" never counts as a gain."""
+    t, base, skd = r.get("teacher"), r.get("student"), r.get("student_seqkd")
+    if i == 0:
+        d_skd = round(skd["bleu_greedy"] - base["bleu_greedy"], 2)
+        return d_skd > 0, f"{d_skd:+.2f}"
+    if i == 1:
+        d_skd = round(skd["bleu_greedy"] - base["bleu_greedy"], 2)
+        d_wkd = round(r["student_wordkd"]["bleu_greedy"] - base["bleu_greedy"], 2)
+        return 0 < d_wkd < d_skd, f"Word-KD {d_wkd:+.2f}, Seq-KD {d_skd:+.2f}"
+    if i == 2:
+        gain_skd = round(skd["bleu_beam"] - skd["bleu_greedy"], 2)
+        gain_base = round(base["bleu_beam"] - base["bleu_greedy"], 2)
+        return gain_skd < gain_base, f"{gain_skd:+.2f} vs {gain_base:+.2f}"
+    if i == 3:
+        p_ratio = skd["p_beam"] / max(base["p_beam"], 1e-12)
+        return (p_ratio >= 2 and skd["ppl"] > base["ppl"],
+                f"{100 * skd['p_beam']:.1f}% vs {100 * base['p_beam']:.1f}% ({p_ratio:.1f}x); "
+                f"PPL {skd['ppl']:.2f} vs {base['ppl']:.2f}")
+    if i == 4:
+        tsi = r["teacher_seqinter"]
+        return tsi["bleu_greedy"] >= t["bleu_beam"] - 0.5, f"{tsi['bleu_greedy']:.2f} vs {t['bleu_beam']:.2f}"
     speedup = skd["words_per_s_greedy"] / t["words_per_s_beam"]
-    return [
-        ("1. Seq-KD student greedy BLEU > student baseline (paper: +4.2)",
-         d_skd > 0, f"{d_skd:+.2f}"),
-        ("2. Word-KD improves on the baseline, less than Seq-KD (paper: +0.7)",
-         0 < d_wkd < d_skd, f"Word-KD {d_wkd:+.2f}, Seq-KD {d_skd:+.2f}"),
-        ("3. Seq-KD gains less from beam search than the baseline (paper: +0.1 vs +2.9)",
-         gain_skd < gain_base, f"{gain_skd:+.2f} vs {gain_base:+.2f}"),
-        ("4. p(t = ŷ) of Seq-KD ≥ 2x the baseline's, perplexity higher (paper: 16.9% vs 0.9%; 22.7 vs 8.2)",
-         p_ratio >= 2 and skd["ppl"] > base["ppl"],
-         f"{100 * skd['p_beam']:.1f}% vs {100 * base['p_beam']:.1f}% ({p_ratio:.1f}x); "
-         f"PPL {skd['ppl']:.2f} vs {base['ppl']:.2f}"),
-        ("5. Teacher + Seq-Inter greedy ≥ teacher beam − 0.5 (paper: 19.6 vs 19.5)",
-         tsi["bleu_greedy"] >= t["bleu_beam"] - 0.5, f"{tsi['bleu_greedy']:.2f} vs {t['bleu_beam']:.2f}"),
-        ("6. Seq-KD greedy ≥ 5x faster than teacher beam, within 1 BLEU of it",
-         speedup >= 5 and skd["bleu_greedy"] >= t["bleu_beam"] - 1,
-         f"{speedup:.1f}x; {skd['bleu_greedy']:.2f} vs {t['bleu_beam']:.2f}"),
-    ]
+    return (speedup >= 5 and skd["bleu_greedy"] >= t["bleu_beam"] - 1,
+            f"{speedup:.1f}x; {skd['bleu_greedy']:.2f} vs {t['bleu_beam']:.2f}")
 
 
 def claims_markdown(claims):
     lines = ["| Claim (Kim & Rush 2016) | Holds here? | Numbers |", "|---|---|---|"]
-    lines += [f"| {claim} | {'holds' if holds else 'does not hold'} | {numbers} |"
+    verdict = {True: "holds", False: "does not hold", None: "not run"}
+    lines += [f"| {claim} | {holds if isinstance(holds, str) else verdict[holds]} | {numbers} |"
               for claim, holds, numbers in claims]
     return "\n".join(lines)
 
 
+def seed_claims(tables, p_values, alpha=0.05):
+    """The claims over seeds. tables: {seed: {folder: report}}; p_values: {(folder, seed): p of
+    the paired bootstrap of its greedy output against the baseline of that seed}. A claim that
+    fails on the mean table "does not hold"; one that holds there "holds" when it also holds on
+    every seed and, for a BLEU gain over the baseline, every seed's p < alpha; otherwise it is "not
+    significant" (a BLEU gain) or holds on k of n seeds. Returns [(claim, verdict, numbers)]."""
+    seeds = sorted(tables)
+    on_mean = check_claims(steps.mean_tables(tables))
+    per_seed = {s: check_claims(tables[s]) for s in seeds}
+    out = []
+    for i, (claim, holds, numbers) in enumerate(on_mean):
+        tested = CLAIMS[i][2]
+        if holds is None:
+            out.append((claim, None, numbers))
+            continue
+        k = sum(bool(per_seed[s][i][1]) for s in seeds)
+        ps = [p_values[(tested, s)] for s in seeds] if tested else []
+        if not holds:
+            verdict = "does not hold"
+        elif k == len(seeds) and all(p < alpha for p in ps):
+            verdict = "holds"
+        else:
+            verdict = "not significant" if tested else f"holds on {k} of {len(seeds)} seeds"
+        detail = "; ".join(f"seed {s}: {per_seed[s][i][2]}" + (f", p = {p:.3f}" if tested else "")
+                           for s, p in zip(seeds, ps or [None] * len(seeds)))
+        out.append((claim, verdict, f"mean {numbers} ({detail})"))
+    return out
+
+
 def add_claims(result):
-    """Step 12: the six claims checked on the table, into result["claims"]; their Markdown table."""
-    claims = check_claims({row["folder"]: row for row in result["rows"]})
+    """Step 12: the claims checked on the table, into result["claims"]; the Markdown of the
+    seeds' summary and of the claims."""
+    tables, p_values = {}, {}
+    for row in result["rows"]:
+        seed = row.get("seed")
+        folder = row["folder"].removesuffix(f"_s{seed}") if seed else row["folder"]
+        for s in [seed] if seed else result["settings"]["seeds"]:    # a teacher row: in every seed's table
+            tables.setdefault(s, {})[folder] = row
+    for seed, table in tables.items():
+        base = table["student"]
+        for folder, row in table.items():
+            if folder.startswith("student") and folder != "student":
+                p_values[(folder, seed)] = paired_bootstrap(base["hyps_greedy"], row["hyps_greedy"], base["refs"])[2]
+    claims = seed_claims(tables, p_values)
+    result["p_values"] = {f"{folder}_s{seed}": p for (folder, seed), p in p_values.items()}
     result["claims"] = [dict(claim=c, holds=h, numbers=n) for c, h, n in claims]
-    return claims_markdown(claims)
+    return steps.seed_summary(tables, ROWS, p_values) + "\n\n" + claims_markdown(claims)
 
 
 # The recipe ----------------------------------------------------------------------------------
@@ -177,6 +262,8 @@ def run(args):
     t_start = time.time()
     setting_name, S, run_dir, tgt, files = steps.setup_run(args, SETTINGS, "kim_rush", "Kim & Rush (2016) Table 1")
     (train_src, train_ref), (valid_src, valid_ref), (test_src, test_ref) = files["train"], files["valid"], files["test"]
+    rows = [(name, folder) for name, folder in ROWS if S["rows"] is None or folder in S["rows"]]
+    folders = [folder for _, folder in rows]
     # Flags every training shares: the validation data, the optimiser, seed and device.
     common = ["--valid-src", valid_src, "--valid-tgt", valid_ref, *S["optim"],
               "--best-metric", "bleu", "--seed", str(args.seed), "--device", args.device]
@@ -185,52 +272,50 @@ def run(args):
         return ["--train-src", train_src, "--train-tgt", tgt_file, *common,
                 "--epochs", str(epochs), "--lr", str(lr)]
 
-    seqkd_tgt = str(run_dir / "distill" / f"train.seqkd.{tgt}")
-    seqinter_tgt = str(run_dir / "distill" / f"train.seqinter.{tgt}")
+    data = {"ref": train_ref, "seqkd": str(run_dir / "distill" / f"train.seqkd.{tgt}"),
+            "seqinter": str(run_dir / "distill" / f"train.seqinter.{tgt}")}
+    needs_seqinter = "teacher_seqinter" in folders or any(STUDENTS[f][0] == "seqinter" for f in folders[1:])
 
     teacher = train_step("step 1: train the teacher (NLL on the references)", run_dir / "teacher",
                          train_on(train_ref, S["teacher_epochs"], S["lr"]) + S["tokenizer"] + S["teacher"])
     word_kd = ["--teacher", teacher, "--kd-alpha", str(S["kd_alpha"])]     # Word-KD: T = 1, as the paper
 
     translate_step(f"step 2: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the training "
-                   "source", seqkd_tgt, ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
-                                         "--device", args.device])
-
+                   "source", data["seqkd"], ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
+                                             "--device", args.device])
     K = S["seqinter_beam"]
-    translate_step(f"step 3: Seq-Inter data: the teacher's {K}-best list, the entry with the highest "
-                   "sentence BLEU against the reference", seqinter_tgt,
-                   ["--ckpt", teacher, "--src", train_src, "--ref", train_ref, "--beam", str(K),
-                    "--nbest", str(K), "--select", "sentence-bleu", "--device", args.device])
+    if needs_seqinter:
+        translate_step(f"step 3: Seq-Inter data: the teacher's {K}-best list, the entry with the highest "
+                       "sentence BLEU against the reference", data["seqinter"],
+                       ["--ckpt", teacher, "--src", train_src, "--ref", train_ref, "--beam", str(K),
+                        "--nbest", str(K), "--select", "sentence-bleu", "--device", args.device])
+    if "teacher_seqinter" in folders:
+        train_step("step 4: teacher + Seq-Inter (fine-tune the teacher on the Seq-Inter data)",
+                   run_dir / "teacher_seqinter",
+                   train_on(data["seqinter"], S["finetune_epochs"], S["finetune_lr"]) + ["--init", teacher])
 
-    train_step("step 4: teacher + Seq-Inter (fine-tune the teacher on the Seq-Inter data)",
-               run_dir / "teacher_seqinter",
-               train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", teacher])
+    # step 5: every student row, once per seed (all rows of seed 1 first: a first result early)
+    for seed in S["seeds"]:
+        for name, folder in rows:
+            if folder.startswith("teacher"):
+                continue
+            learns_from, init, kd = STUDENTS[folder]
+            if init:       # a fine-tuning of the same seed's student, at the smaller rate
+                flags = train_on(data[learns_from], S["finetune_epochs"], S["finetune_lr"])
+                flags += ["--init", str(run_dir / f"{init}_s{seed}" / "best.pt")]
+            else:          # the student's size, the teacher's vocabularies
+                flags = train_on(data[learns_from], S["student_epochs"], S["lr"]) + S["student"]
+                flags += ["--vocab-from", teacher]
+            train_step(f"step 5: {name}, seed {seed}", run_dir / f"{folder}_s{seed}",
+                       flags + ["--seed", str(seed)] + (word_kd if kd else []))
 
-    student = S["student"] + ["--vocab-from", teacher]        # the teacher's vocabularies
-    train_step("step 5: student baseline (NLL on the references)", run_dir / "student",
-               train_on(train_ref, S["student_epochs"], S["lr"]) + student)
-    train_step("step 6: Word-KD student (on the references)", run_dir / "student_wordkd",
-               train_on(train_ref, S["student_epochs"], S["lr"]) + student + word_kd)
-    seqkd = train_step("step 7: Seq-KD student (NLL on the teacher's beam output)", run_dir / "student_seqkd",
-                       train_on(seqkd_tgt, S["student_epochs"], S["lr"]) + student)
-
-    train_step("step 8: Seq-KD + Seq-Inter (fine-tune the Seq-KD student on the Seq-Inter data)",
-               run_dir / "student_seqkd_seqinter",
-               train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd])
-
-    seqkd_wordkd = train_step("step 9: Seq-KD + Word-KD student (Word-KD on the Seq-KD data)",
-                              run_dir / "student_seqkd_wordkd",
-                              train_on(seqkd_tgt, S["student_epochs"], S["lr"]) + student + word_kd)
-    train_step("step 10: Seq-KD + Seq-Inter + Word-KD (fine-tune the Seq-KD + Word-KD student on "
-               "the Seq-Inter data, with Word-KD)", run_dir / "student_seqkd_wordkd_seqinter",
-               train_on(seqinter_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd_wordkd]
-               + word_kd)
-
-    # steps 11 and 12: the Table 1 columns of every model on the test set, the table, the claims
-    return steps.report_and_table("step 11", "Kim & Rush (2016), Table 1", "table1", run_dir, ROWS, S,
+    # steps 6 and 7: the Table 1 columns of every model on the test set, the table, the claims
+    spec = [(name, folder) if folder.startswith("teacher") else (name, f"{folder}_s{seed}", seed)
+            for seed in S["seeds"] for name, folder in rows if seed == S["seeds"][0] or folder.startswith("student")]
+    return steps.report_and_table("step 6", "Kim & Rush (2016), Table 1", "table1", run_dir, spec, S,
                                   setting_name, test_src, test_ref, args.device, t_start,
                                   "Δ: teacher rows against the teacher baseline, student rows against the "
-                                  "student baseline.", more=add_claims)
+                                  "student baseline of the same seed.", more=add_claims)
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -180,7 +181,8 @@ def parse_args(argv, description, recipe, extra_flags=None):
     p.add_argument("--run-dir", help=f"where everything goes (default: runs/{recipe}_<corpus>)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=1, help="seed of every training (default: 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of every training (kim_rush.py: of the teacher and the distilled data; its "
+                   "students take the setting's seeds) (default: 1)")
     for flag, kwargs in extra_flags or []:
         p.add_argument(flag, **kwargs)
     args = p.parse_args(argv)
@@ -234,32 +236,75 @@ def main(parse_args, run, argv=None):
 def markdown_table(rows, k):
     """rows: [(name, report)] in the recipe's ROWS order. Δ columns: against the last row above
     whose name ends in "baseline" (Table 1: the teacher baseline for teacher rows, the student
-    baseline for student rows)."""
+    baseline for student rows), of the same seed where a report has one (report["seed"])."""
     head = (f"| Model | BLEU greedy | Δ | BLEU beam {k} | Δ | chrF greedy | chrF beam {k} | PPL | p(t = ŷ) | "
             f"Params | src words/s greedy | src words/s beam {k} |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    baseline = None
+    baselines = {}                       # {seed or None: the baseline row of that seed}
     for name, r in rows:
+        seed = r.get("seed")
         if name.endswith("baseline"):
-            baseline = r
+            baselines[seed] = r
+        baseline = baselines.get(seed, baselines.get(None))
         d_greedy = r["bleu_greedy"] - baseline["bleu_greedy"]
         d_beam = r["bleu_beam"] - baseline["bleu_beam"]
-        lines.append(f"| {name} | {r['bleu_greedy']:.2f} | {d_greedy:+.2f} | {r['bleu_beam']:.2f} | "
+        label = name if seed is None else f"{name}, seed {seed}"
+        lines.append(f"| {label} | {r['bleu_greedy']:.2f} | {d_greedy:+.2f} | {r['bleu_beam']:.2f} | "
                      f"{d_beam:+.2f} | {r.get('chrf_greedy', math.nan):.2f} | {r.get('chrf_beam', math.nan):.2f} | "
                      f"{r['ppl']:.2f} | {100 * r['p_beam']:.1f}% | {r['params']:,} | "
                      f"{r['words_per_s_greedy']:,.0f} | {r['words_per_s_beam']:,.0f} |")
     return "\n".join(lines)
 
 
+def mean_tables(tables):
+    """{seed: {folder: report}} -> {folder: the mean over seeds of each number of its reports}."""
+    folders = {folder for table in tables.values() for folder in table}
+    out = {}
+    for folder in folders:
+        reports = [table[folder] for table in tables.values() if folder in table]
+        keys = [k for k, v in reports[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out[folder] = {k: statistics.fmean(r[k] for r in reports) for k in keys}
+    return out
+
+
+def seed_summary(tables, rows_spec, p_values):
+    """Markdown: each row of rows_spec [(name, folder)] over the seeds of `tables` {seed: {folder:
+    report}}: mean ± standard deviation of BLEU greedy and beam, their Δ against the student
+    baseline's mean, and p_values {(folder, seed): p} of the paired bootstrap per seed."""
+    seeds = sorted(tables)
+
+    def spread(folder, key):
+        values = [tables[s][folder][key] for s in seeds]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return statistics.fmean(values), f"{statistics.fmean(values):.2f} ± {sd:.2f}"
+
+    lines = [f"Over seeds {', '.join(map(str, seeds))} (mean ± sd; a teacher row is one model). p: sacrebleu's "
+             "paired bootstrap (1,000 resamples) of the greedy output against the baseline of the same seed.", "",
+             "| Model | BLEU greedy | Δ | p per seed | BLEU beam | Δ | PPL | p(t = ŷ) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for name, folder in rows_spec:
+        if folder not in tables[seeds[0]]:
+            continue
+        base = "teacher" if folder.startswith("teacher") else "student"
+        (greedy, g), (beam, b) = spread(folder, "bleu_greedy"), spread(folder, "bleu_beam")
+        d_greedy, d_beam = greedy - spread(base, "bleu_greedy")[0], beam - spread(base, "bleu_beam")[0]
+        ps = ", ".join(f"{p_values[(folder, s)]:.3f}" for s in seeds if (folder, s) in p_values) or "–"
+        lines.append(f"| {name} | {g} | {d_greedy:+.2f} | {ps} | {b} | {d_beam:+.2f} | "
+                     f"{spread(folder, 'ppl')[1]} | {100 * spread(folder, 'p_beam')[0]:.1f}% |")
+    return "\n".join(lines)
+
+
 def report_and_table(step, title, stem, run_dir, rows_spec, S, setting_name, test_src, test_ref, device,
                      t_start, delta_note, more=None):
-    """Report every model of `rows_spec` [(row name, folder under run_dir)] on the test set
+    """Report every model of `rows_spec` [(row name, folder under run_dir[, seed])] on the test set
     (translate.py --report), print the Markdown table and write RUN_DIR/STEM.md and
     RUN_DIR/STEM.json. more(result), if given, may add to the result and returns more Markdown,
     printed and written after the table."""
-    rows = [(name, report_step(f"{step}: report, {name}", run_dir / folder / "best.pt", test_src, test_ref,
-                               run_dir / "reports" / f"{folder}.json", S["report_beam"], ["--device", device]))
-            for name, folder in rows_spec]
+    rows = []
+    for name, folder, *seed in rows_spec:
+        report = report_step(f"{step}: report, {folder}", run_dir / folder / "best.pt", test_src, test_ref,
+                             run_dir / "reports" / f"{folder}.json", S["report_beam"], ["--device", device])
+        rows.append((name, dict(report, seed=seed[0]) if seed else report))
     table = markdown_table(rows, S["report_beam"])
     seconds = time.time() - t_start
     note = (f"Test set: {test_src} ({rows[0][1]['sentences']} sentences). BLEU: sacrebleu "
@@ -269,8 +314,7 @@ def report_and_table(step, title, stem, run_dir, rows_spec, S, setting_name, tes
             f"words/s on device '{pick_device(device)}'. This invocation took {seconds / 60:.1f} min.")
     result = {"setting": setting_name, "settings": S, "run_dir": str(run_dir), "seconds": seconds,
               "test_src": test_src, "test_ref": test_ref,
-              "rows": [dict(name=name, folder=folder, **report)
-                       for (name, folder), (_, report) in zip(rows_spec, rows)]}
+              "rows": [dict(name=name, folder=spec[1], **report) for spec, (name, report) in zip(rows_spec, rows)]}
     extra = "\n" + more(result) + "\n" if more else ""
     runs.write_atomically(run_dir / f"{stem}.md", lambda f: f.write(table + "\n\n" + note + "\n" + extra), mode="w")
     runs.write_json(result, run_dir / f"{stem}.json")

@@ -46,37 +46,50 @@ def test_smoke_run_writes_every_step(smoke_run):
     files = json.loads((run_dir / "files.json").read_text())
     assert files["train"] == [str(run_dir / "subset" / "train.en"), str(run_dir / "subset" / "train.de")]
     assert files["tgt"] == "de"
-    # every model trained to the end, and was reported
-    for _, folder in recipe.ROWS:
+    # every model trained to the end, and was reported; a student row once per seed
+    for folder in model_folders(recipe):
         assert (run_dir / folder / "done.json").exists(), folder
         assert (run_dir / "reports" / f"{folder}.json").exists(), folder
-    # the table: 8 rows, in the paper's order, also as JSON
+    # the table: the 8 rows in the paper's order for seed 1, then the 6 student rows of seed 2
+    names = [name for name, _ in recipe.ROWS]
+    expected = [n if n.startswith("Teacher") else f"{n}, seed 1" for n in names] + [
+        f"{n}, seed 2" for n in names if not n.startswith("Teacher")]
     table = (run_dir / "table1.md").read_text()
     first_table = table.split("\n\n")[0]
     rows = [line for line in first_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [row.split(" | ")[0][2:] for row in rows] == [name for name, _ in recipe.ROWS]
+    assert [row.split(" | ")[0][2:] for row in rows] == expected
     saved = json.loads((run_dir / "table1.json").read_text())
-    assert [r["name"] for r in saved["rows"]] == [name for name, _ in recipe.ROWS]
+    assert [r["folder"] for r in saved["rows"]] == model_folders(recipe)
     assert saved["rows"] == result["rows"]
     assert len(saved["claims"]) == 6 and "| Claim (Kim & Rush 2016) |" in table
+    assert set(saved["p_values"]) == {f for f in model_folders(recipe)
+                                     if f.startswith("student") and f.rsplit("_s", 1)[0] != "student"}
+    assert all(0 < p <= 1 for p in saved["p_values"].values())
+    assert "| Seq-KD | " in table and " ± " in table           # the summary over seeds
     for r in saved["rows"]:
         assert 0 <= r["p_beam"] <= 1 and r["ppl"] > 1 and r["params"] > 0
+
+
+def model_folders(recipe):
+    """The smoke run's model folders in the table's order: seed 1's rows, then seed 2's students."""
+    return [f if f.startswith("teacher") else f"{f}_s1" for _, f in recipe.ROWS] + [
+        f"{f}_s2" for _, f in recipe.ROWS if f.startswith("student")]
 
 
 def test_students_share_the_teacher_vocabulary_and_are_smaller(smoke_run):
     recipe, run_dir, result = smoke_run
     from model import load_checkpoint
     teacher = load_checkpoint(run_dir / "teacher" / "best.pt")
-    for _, folder in recipe.ROWS[1:]:
+    for folder in model_folders(recipe)[1:]:
         ckpt = load_checkpoint(run_dir / folder / "best.pt")
         assert ckpt["vocab"] == teacher["vocab"], folder
     params = {r["folder"]: r["params"] for r in result["rows"]}
-    assert params["student"] < params["teacher"] == params["teacher_seqinter"]
+    assert params["student_s1"] == params["student_s2"] < params["teacher"] == params["teacher_seqinter"]
 
 
 def test_rerun_redoes_nothing_but_what_is_missing(smoke_run, monkeypatch):
     recipe, run_dir, _ = smoke_run
-    (run_dir / "reports" / "student_seqkd.json").unlink()
+    (run_dir / "reports" / "student_seqkd_s2.json").unlink()
     (run_dir / "table1.md").unlink()
 
     def no_training(argv=None):
@@ -93,7 +106,7 @@ def test_rerun_redoes_nothing_but_what_is_missing(smoke_run, monkeypatch):
     monkeypatch.setattr(train, "main", no_training)
     monkeypatch.setattr(translate, "main", translate_main)
     recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])
-    assert len(calls) == 1 and str(run_dir / "student_seqkd" / "best.pt") in calls[0]
+    assert len(calls) == 1 and str(run_dir / "student_seqkd_s2" / "best.pt") in calls[0]
     assert (run_dir / "table1.md").exists()
 
 
@@ -177,3 +190,66 @@ def test_a_seqkd_student_below_the_baseline_fails_claims_1_2_3_6():
     assert [holds for _, holds, _ in claims] == [False, False, False, True, True, False]
     markdown = recipe.claims_markdown(claims)
     assert markdown.count("| does not hold |") == 4 and markdown.count("| holds |") == 2
+
+
+def seeded_tables(seqkd_greedy, base_greedy=(14.0, 15.0, 16.0)):
+    """The paper's Table 1 for three seeds, the students' greedy BLEU replaced by the given ones."""
+    tables = {}
+    for seed, (skd, base) in enumerate(zip(seqkd_greedy, base_greedy), start=1):
+        table = paper_table1()
+        table["student_seqkd"]["bleu_greedy"], table["student"]["bleu_greedy"] = skd, base
+        table["student_wordkd"]["bleu_greedy"] = base + 0.5
+        tables[seed] = table
+    return tables
+
+
+def test_seed_claims_need_the_mean_every_seed_and_every_p_value():
+    recipe = kim_rush
+    gains = seeded_tables([19.0, 19.5, 20.0])                       # Seq-KD +5, +4.5, +4
+    significant = {(f, s): 0.001 for f in ("student_seqkd", "student_wordkd") for s in (1, 2, 3)}
+    claims = recipe.seed_claims(gains, significant)
+    assert [verdict for _, verdict, _ in claims] == ["holds"] * 6
+    assert claims[0][2].startswith("mean +4.50 (seed 1: +5.00, p = 0.001; seed 2: +4.50")
+    one_weak = {**significant, ("student_seqkd", 2): 0.2}
+    assert recipe.seed_claims(gains, one_weak)[0][1] == "not significant"
+    # the mean gains (+1.67) but seed 3 loses: not significant, even with every p < 0.05; the
+    # beam gains of claim 3 (Seq-KD 2.00, 1.00, 4.00 against 3.60, 2.60, 1.60) hold on the mean
+    mixed = seeded_tables([17.0, 18.0, 15.0])
+    claims = recipe.seed_claims(mixed, significant)
+    assert claims[0][1] == "not significant" and claims[0][2].startswith("mean +1.67")
+    assert claims[2][1] == "holds on 2 of 3 seeds"
+    assert recipe.seed_claims(seeded_tables([13.0, 14.0, 15.0]), significant)[0][1] == "does not hold"
+
+
+def test_a_missing_row_makes_its_claims_not_run():
+    recipe = kim_rush
+    tables = seeded_tables([19.0, 19.5, 20.0])
+    for table in tables.values():
+        del table["teacher_seqinter"], table["student_wordkd"]
+    claims = recipe.seed_claims(tables, {("student_seqkd", s): 0.001 for s in (1, 2, 3)})
+    assert [verdict for _, verdict, _ in claims] == ["holds", None, "holds", "holds", None, "holds"]
+    assert recipe.claims_markdown(claims).count("| not run | not run |") == 2
+
+
+def test_seed_summary_gives_mean_and_sd_and_the_p_values():
+    tables = seeded_tables([19.0, 19.5, 20.0])                       # mean 19.5, sd 0.5; baseline 15
+    p_values = {("student_seqkd", 1): 0.001, ("student_seqkd", 2): 0.004, ("student_seqkd", 3): 0.03}
+    text = steps.seed_summary(tables, kim_rush.ROWS, p_values)
+    row = next(line for line in text.splitlines() if line.startswith("| Seq-KD |"))
+    assert row.startswith("| Seq-KD | 19.50 ± 0.50 | +4.50 | 0.001, 0.004, 0.030 | 19.00 ± 0.00 | +1.40 |")
+    assert "| Student baseline | 15.00 ± 1.00 | +0.00 | – |" in text
+    assert steps.mean_tables(tables)["student"]["bleu_greedy"] == 15.0
+
+
+def test_markdown_table_compares_each_seed_with_its_own_baseline():
+    r = paper_table1()
+    for report in r.values():
+        report.update(chrf_greedy=0.0, chrf_beam=0.0, params=1)
+    rows = [("Teacher baseline", r["teacher"]),
+            ("Student baseline", dict(r["student"], seed=1)), ("Seq-KD", dict(r["student_seqkd"], seed=1)),
+            ("Student baseline", dict(r["student"], seed=2, bleu_greedy=10.0)),
+            ("Seq-KD", dict(r["student_seqkd"], seed=2))]
+    lines = steps.markdown_table(rows, 5).splitlines()[2:]
+    assert lines[2].startswith("| Seq-KD, seed 1 | 18.90 | +4.20 |")
+    assert lines[4].startswith("| Seq-KD, seed 2 | 18.90 | +8.90 |")
+    assert lines[0].startswith("| Teacher baseline | 17.70 | +0.00 |")
