@@ -1,13 +1,17 @@
 """The translation command: translate a file with a checkpoint, score it with BLEU, make
-distillation data, or print the reports of report.py.
+distillation data, or print the reports of report.py; or translate line by line as you type.
 
   python translate.py --ckpt model.pt --src FILE [--ref FILE] [--out FILE] [--beam K] ...
+  python translate.py --ckpt model.pt --src - < FILE          (standard input, to its end)
+  python translate.py --ckpt model.pt --interactive           (one line in, its translation out)
 
-Read top to bottom: 1. files (translate_file: n-best lists, Seq-Inter, shards, resume, torchrun),
-2. the command line. The searches, scores and BLEU, and the scoring convention, are beam.py's.
+Read top to bottom: 1. files (translate_file: n-best lists, Seq-Inter, shards, resume, torchrun,
+progress lines), 2. standard input and interactive translation, 3. the command line. The
+searches, scores and BLEU, and the scoring convention, are beam.py's.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -77,10 +81,45 @@ def _resume_point(partial, record, settings):
     return saved["done"]
 
 
+class ProgressLines:
+    """Progress for a log file, where a tqdm bar would stay silent (stderr not a terminal): update(n)
+    as a tqdm bar's (beam.decode_ids calls it after each batch) prints, at most once every `every`
+    seconds, `translating: DONE/TOTAL sentences (P%), R sentences/s, about M min left` to stderr,
+    R counted over the sentences of this run (not those a resumed run skipped)."""
+
+    def __init__(self, total, initial=0, every=30.0, clock=time.monotonic):
+        self.total, self.done, self.skipped, self.every, self.clock = total, initial, initial, every, clock
+        self.t0 = self.last = clock()
+
+    def update(self, n):
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (self.done - self.skipped) / max(now - self.t0, 1e-9)
+        left = f", about {(self.total - self.done) / rate / 60:.1f} min left" if rate > 0 else ""
+        print(f"translating: {self.done}/{self.total} sentences ({100 * self.done / max(self.total, 1):.0f}%), "
+              f"{rate:.1f} sentences/s{left}", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress_meter(total, initial, every):
+    """What shows translate_file's progress: a tqdm bar on a terminal, else ProgressLines every
+    `every` seconds; None (nothing) when every is None."""
+    if every is None:
+        return None
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, unit="sent", desc="translating", smoothing=0.1)
+    return ProgressLines(total, initial, every)
+
+
 def translate_file(model, src_vocab, tgt_vocab, lines, out_path=None, *, beam=5, nbest=1,
                    refs=None, select=False, tokenize="13a", shard=(1, 1), chunk_size=1000,
                    batch_size=64, max_len_a=2.0, max_len_b=10, length_norm=False,
-                   run_info=None, progress=True):
+                   run_info=None, progress=True, progress_every=30.0):
     """Translate `lines` (a whole --src file) to out_path, or to stdout when out_path is None.
 
     This is how Seq-KD data is made (Kim & Rush 2016, sec. 3.2): translate the training source
@@ -94,6 +133,7 @@ def translate_file(model, src_vocab, tgt_vocab, lines, out_path=None, *, beam=5,
     OUT.partial.json records how many sentences are done. A rerun with the same settings skips
     them; at the end OUT.partial becomes OUT. run_info (e.g. checkpoint and source paths) is
     stored with the settings, so a different run never continues someone else's file.
+    progress: a bar on a terminal; on a log file a line every `progress_every` seconds.
     Returns {"sentences", "src_words", "seconds"} for what this call translated, and, when
     writing to stdout, "lines": the lines written."""
     start, end = shard_range(len(lines), *shard)
@@ -112,8 +152,7 @@ def translate_file(model, src_vocab, tgt_vocab, lines, out_path=None, *, beam=5,
         if done:
             print(f"resuming {out_path}: {done} of {end - start} sentences already done",
                   file=sys.stderr)
-    bar = tqdm(total=end - start, initial=done, unit="sent", desc="translating", smoothing=0.1,
-               disable=None if progress else True)
+    bar = progress_meter(end - start, done, progress_every if progress else None)
     stats = {"sentences": 0, "src_words": 0, "seconds": 0.0, "lines": []}
     t0 = time.perf_counter()
     try:
@@ -137,7 +176,8 @@ def translate_file(model, src_vocab, tgt_vocab, lines, out_path=None, *, beam=5,
                 runs.write_json({"settings": settings, "done": hi - start,
                                  "bytes": sink.tell()}, record)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if out_path is not None:
             sink.close()
     stats["seconds"] = time.perf_counter() - t0
@@ -182,7 +222,48 @@ def join_parts(out_path, rank, world):
     runs.leave_together(world)       # no process ends before the joined file exists
 
 
-# 2. Command line -----------------------------------------------------------------------------
+# 2. Standard input and interactive translation ----------------------------------------------
+
+def read_source(path):
+    """The lines of --src: data.read_lines of the file, or for "-" of standard input, read to its end."""
+    if path != "-":
+        return data.read_lines(path)
+    try:
+        return data.read_lines("/dev/stdin")
+    except UserError as e:
+        raise UserError(str(e).replace("/dev/stdin", "--src - (standard input)")) from None
+
+
+def interactive(model, src_vocab, tgt_vocab, inp, out, *, beam=5, nbest=1, **search):
+    """Translate each line of `inp` (a binary stream: sys.stdin.buffer) as soon as it is read and write
+    its translation to `out` (with nbest > 1 its n-best lines, numbered from 0 as in a file), flushed,
+    until the end of the input: no batching, so no line waits for the next. An empty line gives an
+    empty one. Returns the number of lines translated."""
+    count = 0
+    for raw in iter(inp.readline, b""):
+        line = raw.decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
+        entries = decode_ids(model, [src_vocab.encode(line)], beam=beam, nbest=nbest, **search)[0]
+        out.write("".join(text + "\n" for text in output_lines(count, entries, tgt_vocab, nbest)))
+        out.flush()
+        count += 1
+    return count
+
+
+# 3. Command line -----------------------------------------------------------------------------
+
+EXAMPLES = """examples:
+  translate and score:  python translate.py --ckpt best.pt --src test.en --ref test.de --out test.hyp
+  Seq-KD data:          python translate.py --ckpt teacher.pt --src train.en --beam 5 --out train.kd.de
+    on 4 GPUs:          torchrun --nproc_per_node 4 translate.py ... --out train.kd.de (one shard each)
+                        (or --shard 1/4 ... 4/4 with --out part1 ... part4, then cat part1 .. part4)
+  Seq-Inter data:       python translate.py --ckpt teacher.pt --src train.en --ref train.de \\
+                          --beam 35 --nbest 35 --select sentence-bleu --out train.inter.de
+  Table 1 columns:      python translate.py --ckpt best.pt --src test.en --ref test.de --report --json r.json
+  attention heat map:   python translate.py --ckpt best.pt --src test.en --show-attention 3
+  in a pipe:            cat test.en | python translate.py --ckpt best.pt --src - --beam 1 | less
+  as you type:          python translate.py --ckpt best.pt --interactive   (one line in, one out; Ctrl-D ends)
+  a long job's log:     nohup python translate.py ... --out train.kd.de 2> log   (a progress line every 30 s)"""
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -190,19 +271,16 @@ def parse_args(argv=None):
         description="Translate a file with a seqkd checkpoint (greedy or beam search), score it "
                     "with BLEU,\nmake Seq-KD / Seq-Inter distillation data, or report the "
                     "Kim & Rush Table 1 columns.",
-        epilog="examples:\n"
-               "  translate and score:  python translate.py --ckpt best.pt --src test.en --ref test.de --out test.hyp\n"
-               "  Seq-KD data:          python translate.py --ckpt teacher.pt --src train.en --beam 5 --out train.kd.de\n"
-               "    on 4 GPUs:          torchrun --nproc_per_node 4 translate.py ... --out train.kd.de (one shard each)\n"
-               "                        (or --shard 1/4 ... 4/4 with --out part1 ... part4, then cat part1 .. part4)\n"
-               "  Seq-Inter data:       python translate.py --ckpt teacher.pt --src train.en --ref train.de \\\n"
-               "                          --beam 35 --nbest 35 --select sentence-bleu --out train.inter.de\n"
-               "  Table 1 columns:      python translate.py --ckpt best.pt --src test.en --ref test.de --report --json r.json\n"
-               "  attention heat map:   python translate.py --ckpt best.pt --src test.en --show-attention 3")
+        epilog=EXAMPLES)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (holds the vocabularies)")
-    p.add_argument("--src", required=True, help="source text, one sentence per line")
+    p.add_argument("--src", help="source text, one sentence per line; - reads standard input to its end "
+                                 "(then translates it in batches, as a file)")
+    p.add_argument("--interactive", action="store_true",
+                   help="read standard input one line at a time and print each translation at once "
+                        "(flushed), until end of input (Ctrl-D): for typing, or a program that sends a "
+                        "line and waits for its translation. No --src needed")
     p.add_argument("--ref", help="reference translations, line-aligned with --src: prints BLEU")
-    p.add_argument("--out", help="output file (default: stdout). Written as OUT.partial in chunks; "
+    p.add_argument("--out", help="output file (default, or -: stdout). Written as OUT.partial in chunks; "
                                  "an interrupted run resumes when rerun with the same flags")
     p.add_argument("--beam", type=int, default=5, help="beam size K; 1 = greedy search (default 5)")
     p.add_argument("--nbest", type=int, default=1, help="write the K best per sentence as "
@@ -230,12 +308,39 @@ def parse_args(argv=None):
     p.add_argument("--report", action="store_true", help="with --ref: BLEU greedy and beam, perplexity "
                    "on the references and p(t = ŷ) (Kim & Rush 2016, Table 1)")
     p.add_argument("--json", help="with --report: also write the report to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, no progress lines")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a log file), a progress line instead of the bar "
+                        "at most every SECONDS: sentences done / total, sentences/s (default 30)")
+    args = p.parse_args(argv)
+    if args.out == "-":
+        args.out = None                   # stdout, as without --out
+    return args
+
+
+def check_input_args(args):
+    """Where the source comes from: --src FILE, --src - (standard input) or --interactive."""
+    if args.interactive:
+        if args.src not in (None, "-"):
+            raise UserError(f"--interactive reads standard input: leave out --src {args.src}")
+        used = [flag for flag, value in (("--out", args.out), ("--ref", args.ref), ("--report", args.report),
+                                         ("--select", args.select), ("--show-attention", args.show_attention),
+                                         ("--shard", args.shard != "1/1")) if value]
+        if used:
+            raise UserError(f"--interactive prints each translation to stdout as its line comes: leave out "
+                            f"{', '.join(used)} (or give --src FILE instead of --interactive)")
+    elif args.src is None:
+        raise UserError("give --src FILE (or --src - for standard input, or --interactive to translate "
+                        "line by line)")
+    if args.ref == "-":
+        raise UserError("--ref -: only --src can be standard input; give the references as a file")
+    if args.progress_every < 0:
+        raise UserError(f"--progress-every {args.progress_every}: give 0 or more seconds")
 
 
 def check_args(args):
     """Flag combinations that cannot work -> UserError naming the flag and the fix."""
+    check_input_args(args)
     for name in ("beam", "nbest", "batch_size", "chunk_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -264,13 +369,24 @@ def check_args(args):
     if args.show_attention is not None and args.show_attention < 1:
         raise UserError(f"--show-attention {args.show_attention}: must be a line number, 1 or more")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:        # started by torchrun
-        if args.out is None or args.report or args.show_attention is not None:
-            raise UserError("under torchrun translate.py only makes files: give --out FILE (and no "
-                            "--report / --show-attention, which run in one process)")
+        if args.out is None or args.src in (None, "-") or args.report or args.show_attention is not None:
+            raise UserError("under torchrun translate.py only makes files: give --out FILE and --src FILE, "
+                            "not - (and no --report / --show-attention / --interactive: they run in one process)")
         if args.shard != "1/1":
             raise UserError(f"--shard {args.shard}: under torchrun each process takes one shard "
                             "already; leave out --shard")
     return parse_shard(args.shard)
+
+
+def load_translator(args, device):
+    """The checkpoint of --ckpt, its model on `device` (int8 with --int8) and its vocabularies."""
+    ckpt = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(ckpt, device)
+    if args.int8:
+        if device.type != "cpu":
+            raise UserError(f"--int8 decodes on the CPU, not {device}: add --device cpu")
+        model = int8_model(model)
+    return (ckpt, model, *data.vocabs_from_checkpoint(ckpt))
 
 
 def run(args):
@@ -280,20 +396,22 @@ def run(args):
     log = sys.stderr if args.out is None else sys.stdout      # keep stdout for translations
     # (taken before setup_processes silences stdout in processes > 0: each reports its shard)
     rank, world, device = runs.setup_processes(pick_device(args.device), timeout_hours=48)
-    ckpt = load_checkpoint(args.ckpt)
-    model = model_from_checkpoint(ckpt, device)
-    if args.int8:
-        if device.type != "cpu":
-            raise UserError(f"--int8 decodes on the CPU, not {device}: add --device cpu")
-        model = int8_model(model)
-    src_vocab, tgt_vocab = data.vocabs_from_checkpoint(ckpt)
-    lines = data.read_lines(args.src)
+    ckpt, model, src_vocab, tgt_vocab = load_translator(args, device)
+    search = dict(max_len_a=args.max_len_a, max_len_b=args.max_len_b, length_norm=args.length_norm)
+    if args.interactive:
+        if sys.stdin.isatty():
+            print("translate.py: type a sentence and Enter; Ctrl-D ends", file=sys.stderr)
+        return interactive(model, src_vocab, tgt_vocab, sys.stdin.buffer, sys.stdout,
+                           beam=args.beam, nbest=args.nbest, **search)
+    if args.src == "-" and sys.stdin.isatty():
+        print("translate.py: reading --src - to its end (Ctrl-D); --interactive translates line by line",
+              file=sys.stderr)
+    lines = read_source(args.src)
     refs = data.read_lines(args.ref) if args.ref else None
     if refs is not None and len(refs) != len(lines):
         raise UserError(f"--ref {args.ref} has {len(refs)} lines but --src {args.src} has "
                         f"{len(lines)}: give line-aligned files")
     tokenize = args.bleu_tokenize or (ckpt.get("args") or {}).get("bleu_tokenize") or "13a"
-    search = dict(max_len_a=args.max_len_a, max_len_b=args.max_len_b, length_norm=args.length_norm)
 
     if args.show_attention is not None:
         if not 1 <= args.show_attention <= len(lines):
@@ -311,7 +429,9 @@ def run(args):
             runs.write_json(report, args.json)
         return report
 
-    run_info = {"ckpt": os.path.abspath(args.ckpt), "src": os.path.abspath(args.src)}
+    src = (os.path.abspath(args.src) if args.src != "-" else      # standard input: known by its text
+           "stdin sha256:" + hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest())
+    run_info = {"ckpt": os.path.abspath(args.ckpt), "src": src}
     out_path, show_progress = args.out, not args.no_progress
     if world > 1:                            # this process: shard rank+1 of N, to its own part
         shard = (rank + 1, world)
@@ -320,7 +440,7 @@ def run(args):
     stats = translate_file(model, src_vocab, tgt_vocab, lines, out_path, beam=args.beam, nbest=args.nbest,
                            refs=refs, select=bool(args.select), tokenize=tokenize, shard=shard,
                            chunk_size=args.chunk_size, batch_size=args.batch_size, run_info=run_info,
-                           progress=show_progress, **search)
+                           progress=show_progress, progress_every=args.progress_every, **search)
     if stats["sentences"]:
         print(f"translated {stats['sentences']} sentences, {stats['src_words']} source words in "
               f"{stats['seconds']:.1f}s: {stats['src_words'] / max(stats['seconds'], 1e-9):.0f} "
@@ -334,17 +454,23 @@ def run(args):
         shard = (1, 1)                       # the joined file holds every line
     if refs is not None:
         start, end = shard_range(len(lines), *shard)
-        if args.out is None:
-            out_lines = stats["lines"]
-        else:
-            with open(args.out, encoding="utf-8") as f:
-                out_lines = [line.rstrip("\n") for line in f]
-        hyps = first_best(out_lines, 1 if args.select else args.nbest)   # select: 1 per line
-        result = bleu(hyps, refs[start:end], tokenize)
-        note = " (Seq-Inter picked each line with the reference: not a test score)" if args.select else ""
-        print(result.format(signature=result.signature) + note, file=log)
-        return result
+        return print_bleu(args, stats, refs[start:end], tokenize, log)
     return stats
+
+
+def print_bleu(args, stats, refs, tokenize, log):
+    """BLEU of what translate_file wrote (--out, else stats["lines"]) against `refs`, its lines' references;
+    the 1-best of n-best lists, the selected line with --select. Printed to `log`, returned."""
+    if args.out is None:
+        out_lines = stats["lines"]
+    else:
+        with open(args.out, encoding="utf-8") as f:
+            out_lines = [line.rstrip("\n") for line in f]
+    hyps = first_best(out_lines, 1 if args.select else args.nbest)   # select: 1 per line
+    result = bleu(hyps, refs, tokenize)
+    note = " (Seq-Inter picked each line with the reference: not a test score)" if args.select else ""
+    print(result.format(signature=result.signature) + note, file=log)
+    return result
 
 
 def main(argv=None):

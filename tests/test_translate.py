@@ -242,3 +242,114 @@ def test_cli_int8_decodes_with_the_quantised_model(ckpt_files):
         hyps = fh.read().split("\n")[:-1]
     m, sv, tv, _ = tiny_lstm()
     assert hyps == beam.translate(seqmodel.int8_model(m.eval()), sv, tv, SRC, beam=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Standard input, interactive translation, progress lines
+# ---------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MORE = SRC + ["a cat sees the dog", "today the cat"]
+
+
+@pytest.fixture
+def talking(tmp_path):
+    """A checkpoint of the tiny LSTM without its extra </s> bias: it says something (non-empty, different
+    lines for different sources), and the model itself for expected outputs."""
+    import torch
+    m, sv, tv, cfg = tiny_lstm()
+    with torch.no_grad():
+        m.generator.bias[data.EOS] -= 1.5
+    ckpt = {"format": "seqkd", "arch": "lstm", "config": asdict(cfg),
+            "vocab": {"src": sv.to_dict(), "tgt": tv.to_dict()}, "model": m.state_dict()}
+    seqmodel.save_checkpoint(ckpt, tmp_path / "talking.pt")
+    (tmp_path / "more.txt").write_text("\n".join(MORE) + "\n", encoding="utf-8")
+    return str(tmp_path / "talking.pt"), str(tmp_path / "more.txt"), (m, sv, tv)
+
+
+def test_stdin_through_a_pipe_gives_the_lines_of_the_file(talking, capsys):
+    ckpt, src, _ = talking
+    flags = ["--ckpt", ckpt, "--beam", "2", "--batch-size", "3", "--no-progress", "--threads", "1"]
+    translate.main(flags + ["--src", src])
+    from_file = capsys.readouterr().out.splitlines()
+    assert len(from_file) == len(MORE) and len(set(from_file)) >= 3 and "" in from_file   # not all alike
+    text = "".join(line + "\n" for line in MORE)
+    run = subprocess.run([sys.executable, "translate.py", *flags, "--src", "-", "--out", "-"], input=text,
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == from_file
+    assert "translated 7 sentences" in run.stderr                     # the summary keeps off stdout
+
+
+def test_interactive_answers_each_line_before_the_next_is_written(talking, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    ckpt, _, (m, sv, tv) = talking
+    sent = ["the cat sees a dog", "", "a dog", "cat"]
+    expected = [beam.translate(m, sv, tv, [line], beam=2)[0] for line in sent]
+    assert len(set(expected)) >= 3
+    with open(tmp_path / "stderr.txt", "w") as err, ThreadPoolExecutor(1) as pool:
+        proc = subprocess.Popen([sys.executable, "translate.py", "--ckpt", ckpt, "--interactive", "--beam", "2",
+                                 "--threads", "1"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, text=True, encoding="utf-8")
+        try:
+            got = []
+            for line in sent:           # the input stays open: an answer cannot wait for the end of it
+                proc.stdin.write(line + "\n")
+                proc.stdin.flush()
+                got.append(pool.submit(proc.stdout.readline).result(timeout=120).rstrip("\n"))
+            proc.stdin.close()
+            assert proc.wait(timeout=60) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+    assert got == expected, (tmp_path / "stderr.txt").read_text()
+
+
+def test_interactive_nbest_lines_are_numbered_like_a_file():
+    import io
+    out = io.StringIO()
+    count = translate.interactive(TableModel(), VOCAB, VOCAB, io.BytesIO(b"a\n\n\xef\xbb\xbfb b \r\n"), out,
+                                  beam=2, nbest=2)
+    assert count == 3
+    assert out.getvalue().splitlines() == [f"0 ||| b ||| {L(.36):.4f}", f"0 ||| a ||| {L(.2):.4f}",
+                                           "1 |||  ||| 0.0000", f"2 |||  ||| {L(.55):.4f}",
+                                           f"2 ||| a b ||| {L(.45 * .9 * .9):.4f}"]
+
+
+def test_progress_lines_count_sentences_and_rate(capsys):
+    now = [100.0]
+    meter = translate.ProgressLines(total=10, initial=2, every=30, clock=lambda: now[0])  # 2 done before
+    for t, n in [(110.0, 3), (130.0, 3), (150.0, 2)]:
+        now[0] = t
+        meter.update(n)
+    # one line, at 130 s: 8 of 10 done, 6 of them in this run's 30 s (0.2/s), 2 left (10 s); at 150 s,
+    # 20 s after that line, none
+    assert capsys.readouterr().err == ("translating: 8/10 sentences (80%), 0.2 sentences/s, "
+                                       "about 0.2 min left\n")
+
+
+def test_a_file_written_to_a_log_gets_progress_lines(ckpt_files, capsys):
+    f = ckpt_files
+    out = os.path.join(f["dir"], "hyp.txt")
+    argv = ["--ckpt", f["ckpt"], "--src", f["src"], "--out", out, "--batch-size", "2", "--beam", "2"]
+    translate.main(argv + ["--progress-every", "0"])             # stderr is captured: not a terminal
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("translating: 5/5 sentences (100%), ") and "sentences/s" in err[-1]
+    assert len(err) == 3                                 # batches of 2, 2 of the 4 real lines; the empty one
+    translate.main(argv + ["--progress-every", "0", "--no-progress"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--interactive", "--out", "x.txt"], "--interactive prints each translation to stdout as its line comes: "
+                                          "leave out --out (or give --src FILE instead of --interactive)"),
+    (["--interactive", "--ref", "r.txt", "--shard", "1/2"], "leave out --ref, --shard (or give --src FILE"),
+    (["--interactive", "--src", "a.txt"], "--interactive reads standard input: leave out --src a.txt"),
+    ([], "give --src FILE (or --src - for standard input, or --interactive to translate line by line)"),
+    (["--src", "-", "--ref", "-"], "--ref -: only --src can be standard input; give the references as a file"),
+    (["--src", "a.txt", "--progress-every", "-1"], "--progress-every -1.0: give 0 or more seconds"),
+])
+def test_cli_input_flags_fail_before_anything_is_read(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as e:
+        translate.main(["--ckpt", str(tmp_path / "missing.pt")] + flags)
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
