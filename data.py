@@ -1,8 +1,9 @@
 """
 Data for seqkd, top to bottom: 1. the special ids and UserError; 2. vocabularies (word and
 sentencepiece; to_dict()/vocab_from_dict() carry one in a checkpoint); 3. reading corpora;
-4. batching. The rest of the data code: synthetic.py (the built-in language pair),
-span_corruption.py (T5 span corruption), prepare.py (downloading a public corpus).
+4. batching; 5. what train.py's data flags name (load_splits, get_vocabs, span_corruption_data).
+The rest of the data code: synthetic.py (the built-in language pair), span_corruption.py (T5 span
+corruption), prepare.py (downloading a public corpus).
 
 Conventions used everywhere in seqkd:
   - ids PAD=0, UNK=1, BOS=2, EOS=3 in every vocabulary (word and sentencepiece alike);
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 
 import sentencepiece
 import torch
+
+import synthetic
 
 # 1. Constants and errors ---------------------------------------------------------------------
 
@@ -371,6 +374,99 @@ def batches(examples, batch_tokens=None, batch_size=None, shuffle=True, seed=0, 
     lengths = [(len(s), len(t)) for s, t in examples]
     return [collate(examples, idxs)
             for idxs in batch_indices(lengths, batch_tokens, batch_size, shuffle, seed, epoch)]
+
+
+# 5. What train.py's data flags name: the text of each split, the vocabularies ---------------------------
+# (span_corruption imports this module: it is imported inside the functions that need it)
+
+def load_splits(args) -> dict[str, list[tuple[str, str]]]:
+    """Raw sentence pairs: {"train", "valid"[, "test"]} from the files given, else the built-in corpus.
+
+    With --span-corruption the text is monolingual: {"train": --mono (else the training source side),
+    "valid": the validation source side}, each sentence as a pair (sentence, sentence) so that
+    clean_pairs treats it like a corpus; only the first of the two is read afterwards."""
+    if args.span_corruption:
+        builtin = synthetic.builtin_splits() if args.builtin else None
+        train = (read_lines(args.mono) if args.mono else [s for s, _ in builtin["train"]] if builtin
+                 else read_lines(args.train_src))
+        valid = [s for s, _ in builtin["valid"]] if builtin else read_lines(args.valid_src)
+        return {"train": [(s, s) for s in train], "valid": [(s, s) for s in valid]}
+    if args.builtin:
+        return synthetic.builtin_splits()
+    splits = {"train": read_parallel(args.train_src, args.train_tgt),
+              "valid": read_parallel(args.valid_src, args.valid_tgt)}
+    if args.test_src:
+        splits["test"] = read_parallel(args.test_src, args.test_tgt)
+    return splits
+
+
+def get_vocabs(args, train_pairs, vocab_ckpt, vocab_source):
+    """train.py's vocabularies: those of `vocab_ckpt` (resume, init, --vocab-from, teacher) or new ones. A new one
+    is joint (one object for both sides) with --joint-vocab, --arch t5 (one embedding for both sides) and
+    --span-corruption (one language); a joint one holds --sentinels entries <X0>, <X1>, ... after the specials.
+    A new one is built on the pairs not empty and of at most --max-len words a side (more words are more tokens
+    too), so that no dropped line adds words; read_data then filters in its tokens."""
+    import span_corruption
+    if vocab_ckpt is not None:
+        src_vocab, tgt_vocab = vocabs_from_checkpoint(vocab_ckpt)
+        n_sentinels = len(span_corruption.sentinel_ids(src_vocab))
+        print(f"vocabularies from {vocab_source}: {len(src_vocab)} source, {len(tgt_vocab)} target ({src_vocab.kind}"
+              f"{', joint' if src_vocab is tgt_vocab else ''}, {n_sentinels} sentinels)")
+        return src_vocab, tgt_vocab
+    why_joint = ("--span-corruption: one language" if args.span_corruption else
+                 "--arch t5 shares one embedding between source and target" if args.arch == "t5" else
+                 "--joint-vocab" if args.joint_vocab else None)
+    train_pairs, _ = clean_pairs(train_pairs, max_len=args.max_len, verbose=False)  # in words
+    src_lines = [s for s, _ in train_pairs]
+    tgt_lines = [] if args.span_corruption else [t for _, t in train_pairs]   # monolingual: one side
+    if why_joint is None:
+        if args.sentinels:
+            raise UserError("--sentinels: span-corruption sentinels need a joint vocabulary: add --joint-vocab")
+        src_vocab, tgt_vocab = build_vocabs(src_lines, tgt_lines, kind=args.tokenizer,
+                                            src_size=args.src_vocab_size, tgt_size=args.tgt_vocab_size)
+        print(f"vocabularies built from the training data: {len(src_vocab)} source, {len(tgt_vocab)} target")
+        return src_vocab, tgt_vocab
+    if args.sentinels:
+        vocab = span_corruption.build_vocab_with_sentinels(src_lines + tgt_lines, args.tokenizer,
+                                                           args.src_vocab_size, args.sentinels)
+    else:
+        vocab, _ = build_vocabs(src_lines + tgt_lines, [], kind=args.tokenizer,
+                                src_size=args.src_vocab_size, joint=True)
+    print(f"vocabulary built from the training data: {len(vocab)} entries, joint ({why_joint}), "
+          f"{args.sentinels} of them sentinels <X0>, <X1>, ... for span corruption")
+    return vocab, vocab
+
+
+def span_corruption_sentinels(src_vocab, tgt_vocab, vocab_source) -> list[int]:
+    """--span-corruption reads and writes one language: the ids of the joint vocabulary's sentinels."""
+    import span_corruption
+    source = vocab_source or "the training data"
+    if src_vocab is not tgt_vocab:
+        raise UserError(f"--span-corruption needs one joint vocabulary, but {source} has separate source and "
+                        "target vocabularies; build a new one (no --vocab-from) or use a --arch t5 checkpoint")
+    sentinels = span_corruption.sentinel_ids(src_vocab)
+    if not sentinels:
+        raise UserError(f"--span-corruption: the vocabulary of {source} has no sentinels <X0>, <X1>, ...; "
+                        "use a checkpoint trained with --arch t5 or --span-corruption, or --sentinels N")
+    return sentinels
+
+
+
+def span_corruption_data(args, src_vocab, tgt_vocab, train_pairs, valid_pairs, vocab_source):
+    """--span-corruption: (the sentinel ids, the training sentences [ids, ...] (train.py makes their examples
+    afresh every epoch), the validation examples [(src_ids, tgt_ids)], made once, and their texts [(src, tgt)],
+    for greedy BLEU). The pairs are clean_pairs' (sentence, sentence)."""
+    import span_corruption
+    sentinels = span_corruption_sentinels(src_vocab, tgt_vocab, vocab_source)
+    train_sentences = src_vocab.encode_batch([s for s, _ in train_pairs])
+    valid_examples = span_corruption.span_corruption_examples(
+        src_vocab.encode_batch([s for s, _ in valid_pairs]), sentinels, args.seed, 0, args.noise_density,
+        args.mean_span_length)
+    valid_texts = [(src_vocab.decode(x), tgt_vocab.decode(y)) for x, y in valid_examples]
+    print(f"span corruption: {len(train_sentences):,} training and {len(valid_examples):,} validation "
+          f"sentences, noise density {args.noise_density}, mean span length {args.mean_span_length}; "
+          f"e.g. {valid_texts[0][0]!r} -> {valid_texts[0][1]!r}")
+    return sentinels, train_sentences, valid_examples, valid_texts
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ One optimisation step, whatever the recipe:
     loss = NLL                                 (or α·L_WORD-KD + (1-α)·L_NLL with --teacher,
                                                 or Σ w·L_term with --kd relation: MiniLM / MiniEnD)
            divided by the target tokens of the batch (or by its sentences: --normalize sents)
+           (--label-smoothing F: the NLL against (1-F)·one-hot + F·uniform)
     loss.backward(); zero the pruned weights' gradients; clip the gradient norm to --clip; optimizer.step()
+    (--accum N: the gradients of N batches are added up first, each loss divided by the tokens of all N)
     re-apply the pruning masks, if the model has any, so pruned weights stay exactly 0.
 Training on distilled data (Seq-KD, Seq-Inter) is this same loop with other --train-tgt files;
 task-agnostic distillation (MiniEnD) is this same loop on span-corruption examples
@@ -31,12 +33,16 @@ that translation and span-corruption models can share one vocabulary (a teacher 
 --span-corruption does the same for an LSTM.
 
 Every evaluation (each epoch, or every --eval-every steps) computes the validation perplexity and the
-BLEU of greedy decoding, writes SAVE_DIR/last.pt, then appends a line to SAVE_DIR/log.jsonl; SAVE_DIR/best.pt
-keeps the model with the best validation perplexity (--best-metric bleu: by BLEU). last.pt is also written
-every --save-every minutes (default 10), so a killed run loses little. --resume continues from last.pt to
-the same result an uninterrupted run gives: the batches of an epoch depend only on (--seed, epoch), and
-the checkpoint holds the optimizer, the learning-rate schedule, the random-number generators, the position
-inside the epoch and its running loss sums. SAVE_DIR/.lock keeps a second run out of the folder.
+BLEU and chrF of one greedy decoding, writes SAVE_DIR/last.pt, then appends a line to SAVE_DIR/log.jsonl;
+SAVE_DIR/best.pt keeps the model with the best validation perplexity (--best-metric bleu: by BLEU). last.pt
+is also written every --save-every minutes (default 10), so a killed run loses little. --resume continues
+from last.pt to the same result an uninterrupted run gives: the batches of an epoch depend only on (--seed,
+epoch), and the checkpoint holds the optimizer, the learning-rate schedule, the random-number generators,
+the position inside the epoch and its running loss sums. SAVE_DIR/.lock keeps a second run out of the folder;
+SAVE_DIR/run.json records how the run started (every resolved flag, the model config, the package versions,
+the git commit, the device, the command line) and each resumption. A run whose training loss is NaN or
+infinite, or above log V (a uniform guess over the V target words) over 200 steps after the first 200,
+stops with an error (kd_losses.DivergenceCheck).
 
 Several GPUs: under `torchrun --nproc_per_node N` every process runs this same loop on 1/N of each batch
 (--batch-size and --batch-tokens are the size of the whole batch, over all processes, so the same flags
@@ -56,8 +62,6 @@ import torch
 
 import data
 import kd_losses
-import span_corruption
-import synthetic
 from data import UserError
 from model import PRESETS, T5_PRESETS, load_checkpoint, make_config
 
@@ -71,6 +75,9 @@ DEFAULT_PRESETS = {("lstm", True): "builtin", ("lstm", False): "kim-rush-student
                    ("t5", True): "t5-builtin", ("t5", False): "t5-student"}
 DEFAULT_EPOCHS = 10
 DEFAULT_SENTINELS = 100   # as T5's <extra_id_0> .. <extra_id_99>
+# --threads on the CPU when not given: beside two other training jobs on 2 cores, the 'builtin' model trained
+# at 5,000-8,700 target tokens/s with 1 thread and at 140-820 with 2 (torch's default there)
+CPU_THREADS = 1
 
 # The training schedule of a preset, applied by resolve_defaults to every flag not given (a flag given always
 # wins): that of --preset NAME, or on the built-in corpus the default preset's ('builtin' / 't5-builtin').
@@ -114,12 +121,12 @@ DEFAULT_OPTIM = {"lstm": "sgd", "t5": "adafactor"}   # --optim by architecture: 
 # (The --relation-*-layer flags depend on the models: kd_losses.make_distillation checks them.)
 NUMBER_RANGES = [
     ("a positive number", lambda x: x > 0, "batch_size batch_tokens max_len epochs max_steps patience eval_every"
-     " threads relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff"),
+     " threads relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff accum"),
     ("positive and finite", lambda x: 0 < x < math.inf, "lr kd_temperature mean_span_length time_limit"),
     ("0 or more", lambda x: x >= 0, "sentinels decay_after"),
     ("0 or more and finite", lambda x: 0 <= x < math.inf, "weight_decay clip save_every"),
     ("0 (none) or a number of steps", lambda x: x >= 0, "warmup"),
-    ("in [0, 1)", lambda x: 0 <= x < 1, "dropout"),
+    ("in [0, 1)", lambda x: 0 <= x < 1, "dropout label_smoothing"),
     ("in [0, 1]", lambda x: 0 <= x <= 1, "kd_alpha"),
     ("in (0, 1]", lambda x: 0 < x <= 1, "lr_decay"),
     ("between 0 and 1", lambda x: 0 < x < 1, "noise_density"),
@@ -134,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_flags(parser)
-    add_model_and_optimisation_flags(parser)
+    add_model_flags(parser)
+    add_optimisation_flags(parser)
     add_evaluation_checkpoint_and_distillation_flags(parser)
     return parser
 
@@ -181,8 +189,8 @@ def add_data_flags(parser) -> None:
                    help="span corruption: the mean length of a dropped span (default: %(default)s, as T5)")
 
 
-def add_model_and_optimisation_flags(parser) -> None:
-    """The model (--arch, --preset, the fields of MODEL_FIELDS); the optimizer, its schedule, when to stop."""
+def add_model_flags(parser) -> None:
+    """The model: --arch, --preset, the fields of MODEL_FIELDS."""
     g = parser.add_argument_group("model (a preset, then single fields overridden by flags)")
     g.add_argument("--arch", choices=["lstm", "t5"], help="model family: the LSTM of Luong et al. (2015) or "
                    "the T5-like transformer (default: lstm, or the architecture of --init)")
@@ -208,6 +216,9 @@ def add_model_and_optimisation_flags(parser) -> None:
     g.add_argument("--ff", choices=["relu", "gated-gelu"], help="t5: feed-forward of T5 v1.0 (relu) or v1.1")
     g.add_argument("--dec-layers", type=int, metavar="N", help="t5: decoder layers (default: --layers)")
 
+
+def add_optimisation_flags(parser) -> None:
+    """The optimizer, its schedule, the loss's options, when to stop; threads and device."""
     g = parser.add_argument_group("optimisation")
     g.add_argument("--optim", choices=sorted(OPTIMIZERS), help="SGD (Luong et al., Kim & Rush), Adam, or "
                    "Adafactor (T5; Shazeer & Stern 2018: steps relative to each weight's size, at most --lr) "
@@ -228,6 +239,14 @@ def add_model_and_optimisation_flags(parser) -> None:
                    "target tokens, or by its sentences as Luong et al. and Kim & Rush's code (steps ~ mean "
                    "target length times larger: their SGD lr 1.0 assumes it) (default: tokens; sents with "
                    "the paper presets)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="F", help="train the NLL against "
+                   "(1-F)·one-hot + F·uniform over the target words (Szegedy et al. 2016; 0.1 in Vaswani et al. "
+                   "2017), with or without --kd word; the validation perplexity stays plain (default: %(default)s)")
+    g.add_argument("--accum", type=int, default=1, metavar="N", help="gradient accumulation: one optimizer step "
+                   "per N batches, their gradients added up and each loss divided by the target tokens (or "
+                   "sentences) of all N, so --batch-size B --accum N trains as --batch-size N*B in the memory of "
+                   "B (as fairseq's --update-freq); --max-steps, --eval-every and --warmup count optimizer steps "
+                   "(default: %(default)s)")
     g.add_argument("--clip", type=float, metavar="NORM",
                    help="rescale the gradient when its global norm exceeds NORM; 0 = off (default: 5)")
     g.add_argument("--epochs", type=int, metavar="N",
@@ -237,7 +256,9 @@ def add_model_and_optimisation_flags(parser) -> None:
                    "MINUTES of training (counted over --resume), then evaluate and save as at a normal end")
     g.add_argument("--seed", type=int, default=1, metavar="N", help="seeds the initialisation, the batch "
                    "order and dropout (default: %(default)s)")
-    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default on the CPU: 1, "
+                   "as torch's own default of one per core runs 10-100x slower as soon as any other job shares "
+                   "the cores; on an idle machine a large model may train faster with more; on a GPU: torch's choice)")
     g.add_argument("--device", default="auto", metavar="NAME", help="auto (cuda when present), cpu, cuda or "
                    "cuda:N (default: %(default)s); on CUDA the forward pass runs in bf16 autocast")
 
@@ -342,6 +363,22 @@ def resolve_defaults(args) -> None:
     check_save_dir(args.save_dir)
 
 
+def parse_args(argv=None):
+    """train.py's flags (a list, or sys.argv), resolved. With --resume the stopped run's flags (in SAVE_DIR/last.pt)
+    become the defaults, and the flags given now override them."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve_defaults(args)
+    if args.resume:
+        last_path = Path(args.save_dir) / "last.pt"
+        if not last_path.exists():
+            raise UserError(f"--resume: there is no {last_path} to continue; check --save-dir")
+        parser.set_defaults(**load_checkpoint(last_path)["args"])
+        args = parser.parse_args(argv)
+        resolve_defaults(args)
+    return args
+
+
 def check_numbers(args) -> None:
     """Each numeric flag in its range (NUMBER_RANGES; vocabularies: room for the specials, sentinels, a word)."""
     for allowed, ok, dests in NUMBER_RANGES:
@@ -365,106 +402,7 @@ def check_save_dir(save_dir: str) -> None:
         raise UserError(f"--save-dir {save_dir}: {path} {what}; give another --save-dir")
 
 
-# 4. What the flags name: the checkpoints to start from, the text, the vocabularies, the model -----
-
-def starting_checkpoints(args, last_path: Path) -> tuple:
-    """The checkpoints a run starts from, each None if not given: (resume: SAVE_DIR/last.pt with --resume,
-    start: the weights and config to start from (resume or --init), teacher, vocab: the vocabularies to
-    take (else new ones are built), vocab_source: where they come from). --resume gives everything; --init
-    weights, config, masks and vocabularies; --vocab-from and --teacher vocabularies. With a checkpoint to
-    start from, args.arch becomes its architecture."""
-    resume = load_checkpoint(last_path) if args.resume else None
-    init = load_checkpoint(args.init) if args.init and not resume else None
-    teacher = load_checkpoint(args.teacher) if args.teacher else None
-    if resume:
-        vocab, vocab_source = resume, str(last_path)
-    elif init:
-        vocab, vocab_source = init, f"--init {args.init}"
-    elif args.vocab_from:
-        vocab, vocab_source = load_checkpoint(args.vocab_from), f"--vocab-from {args.vocab_from}"
-    elif teacher:
-        vocab, vocab_source = teacher, f"the teacher {args.teacher} (distillation needs the same words)"
-    else:
-        vocab, vocab_source = None, None
-    start = resume or init                    # the model's weights and config, else a new model
-    source = (str(last_path) if resume else f"--init {args.init}") if start else None
-    if start:
-        if args.arch and args.arch != start["arch"]:
-            raise UserError(f"--arch {args.arch}, but {source} is a {start['arch']} model: drop --arch "
-                            f"(fine-tuning keeps the checkpoint's architecture), or drop --init to train a new model")
-        args.arch = start["arch"]
-    check_model_flags(args, args.arch, start["config"] if start else None, source)
-    return resume, start, teacher, vocab, vocab_source
-
-
-def load_splits(args) -> dict[str, list[tuple[str, str]]]:
-    """Raw sentence pairs: {"train", "valid"[, "test"]} from the files given, else the built-in corpus.
-
-    With --span-corruption the text is monolingual: {"train": --mono (else the training source side),
-    "valid": the validation source side}, each sentence as a pair (sentence, sentence) so that
-    clean_pairs treats it like a corpus; only the first of the two is read afterwards."""
-    if args.span_corruption:
-        builtin = synthetic.builtin_splits() if args.builtin else None
-        train = (data.read_lines(args.mono) if args.mono else [s for s, _ in builtin["train"]] if builtin
-                 else data.read_lines(args.train_src))
-        valid = [s for s, _ in builtin["valid"]] if builtin else data.read_lines(args.valid_src)
-        return {"train": [(s, s) for s in train], "valid": [(s, s) for s in valid]}
-    if args.builtin:
-        return synthetic.builtin_splits()
-    splits = {"train": data.read_parallel(args.train_src, args.train_tgt),
-              "valid": data.read_parallel(args.valid_src, args.valid_tgt)}
-    if args.test_src:
-        splits["test"] = data.read_parallel(args.test_src, args.test_tgt)
-    return splits
-
-
-def get_vocabs(args, train_pairs, vocab_ckpt, vocab_source):
-    """The vocabularies: those of `vocab_ckpt` (resume, init, --vocab-from, teacher) or new ones. A new one
-    is joint (one object for both sides) with --joint-vocab, --arch t5 (one embedding for both sides) and
-    --span-corruption (one language); a joint one holds --sentinels entries <X0>, <X1>, ... after the specials.
-    A new one is built on the pairs not empty and of at most --max-len words a side (more words are more tokens
-    too), so that no dropped line adds words; read_data then filters in its tokens."""
-    if vocab_ckpt is not None:
-        src_vocab, tgt_vocab = data.vocabs_from_checkpoint(vocab_ckpt)
-        print(f"vocabularies from {vocab_source}: {len(src_vocab)} source, {len(tgt_vocab)} target ({src_vocab.kind}"
-              f"{', joint' if src_vocab is tgt_vocab else ''}, {len(span_corruption.sentinel_ids(src_vocab))} sentinels)")
-        return src_vocab, tgt_vocab
-    why_joint = ("--span-corruption: one language" if args.span_corruption else
-                 "--arch t5 shares one embedding between source and target" if args.arch == "t5" else
-                 "--joint-vocab" if args.joint_vocab else None)
-    train_pairs, _ = data.clean_pairs(train_pairs, max_len=args.max_len, verbose=False)  # in words
-    src_lines = [s for s, _ in train_pairs]
-    tgt_lines = [] if args.span_corruption else [t for _, t in train_pairs]   # monolingual: one side
-    if why_joint is None:
-        if args.sentinels:
-            raise UserError("--sentinels: span-corruption sentinels need a joint vocabulary: add --joint-vocab")
-        src_vocab, tgt_vocab = data.build_vocabs(src_lines, tgt_lines, kind=args.tokenizer,
-                                                 src_size=args.src_vocab_size, tgt_size=args.tgt_vocab_size)
-        print(f"vocabularies built from the training data: {len(src_vocab)} source, {len(tgt_vocab)} target")
-        return src_vocab, tgt_vocab
-    if args.sentinels:
-        vocab = span_corruption.build_vocab_with_sentinels(src_lines + tgt_lines, args.tokenizer,
-                                                           args.src_vocab_size, args.sentinels)
-    else:
-        vocab, _ = data.build_vocabs(src_lines + tgt_lines, [], kind=args.tokenizer,
-                                     src_size=args.src_vocab_size, joint=True)
-    print(f"vocabulary built from the training data: {len(vocab)} entries, joint ({why_joint}), "
-          f"{args.sentinels} of them sentinels <X0>, <X1>, ... for span corruption")
-    return vocab, vocab
-
-
-def span_corruption_sentinels(src_vocab, tgt_vocab, vocab_source) -> list[int]:
-    """--span-corruption reads and writes one language: the ids of the joint vocabulary's sentinels."""
-    source = vocab_source or "the training data"
-    if src_vocab is not tgt_vocab:
-        raise UserError(f"--span-corruption needs one joint vocabulary, but {source} has separate source and "
-                        "target vocabularies; build a new one (no --vocab-from) or use a --arch t5 checkpoint")
-    sentinels = span_corruption.sentinel_ids(src_vocab)
-    if not sentinels:
-        raise UserError(f"--span-corruption: the vocabulary of {source} has no sentinels <X0>, <X1>, ...; "
-                        "use a checkpoint trained with --arch t5 or --span-corruption, or --sentinels N")
-    return sentinels
-
+# 4. What the model flags name (the checkpoints to start from: runs.py; the text, the vocabularies: data.py) ---
 
 def flag_name(field: str) -> str:
     """The flag that sets a config field: input_feed -> --no-input-feed, emb_dim -> --emb-dim."""

@@ -2,7 +2,8 @@
 
 Read top to bottom: 1. NLL; 2. Word-KD, the student matches the teacher's next-word distribution
 (section 3.1); 3. Seq-Inter, the teacher's K-best hypothesis closest to the reference (3.3);
-4. training: the --kd flags, the Distillation they ask for, and compute_loss, the loss of a batch.
+4. training: the --kd flags, the Distillation they ask for, and compute_loss, the loss of a batch;
+5. DivergenceCheck, which tells a training loss that has gone wrong.
 The attention-relation losses of MiniLM / MiniEnD (for the T5-like model) are in relation_losses.py.
 Seq-KD itself (section 3.2) needs no loss: it is plain NLL on the teacher's beam output, so it
 lives in translate.py (generate the data) and train.py (train on it with --train-tgt).
@@ -13,6 +14,7 @@ positions contribute nothing to any loss and are not counted in the token normal
 All log-probabilities are computed in float32, whatever the dtype of the logits (bf16 autocast).
 """
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,16 +29,22 @@ from model import count_params
 
 # 1. NLL (negative log-likelihood), the baseline loss ------------------------------------------
 
-def nll_sum(logits, target, pad=PAD):
+def nll_sum(logits, target, pad=PAD, label_smoothing=0.0):
     """Summed NLL over the real (non-pad) target positions.
 
         L_NLL = - sum_t log p(y_t | y_<t, x)            (Kim & Rush 2016, section 2)
 
+    With label_smoothing ε > 0 (Szegedy et al. 2016) the target of each position is (1 - ε) one-hot(y_t) + ε/V
+    uniform instead, through torch's cross_entropy(label_smoothing=ε): - sum_t [(1 - ε) log p(y_t | ..) +
+    ε/V sum_k log p(k | ..)]; a uniform p scores log V per token, smoothed or not. ε = 0 is the plain NLL.
     logits: (B, T, V) float (any dtype; log_softmax runs in float32); target: (B, T) long, PAD-padded.
     Returns (loss_sum: 0-dim float32 tensor, ntokens: int); corpus perplexity = exp(Σ loss_sum / Σ ntokens).
     """
     _check_shapes(logits, target)
     mask = target != pad                                        # (B, T) True = real token
+    if label_smoothing:
+        loss_sum = F.cross_entropy(logits[mask].float(), target[mask], reduction="sum", label_smoothing=label_smoothing)
+        return loss_sum, int(mask.sum())
     logp = F.log_softmax(logits[mask].float(), dim=-1)          # (N, V) the N real positions only
     logp_gold = logp.gather(-1, target[mask].unsqueeze(-1))     # (N, 1) log p(y_t | y_<t, x)
     return -logp_gold.sum(), int(mask.sum())
@@ -81,18 +89,19 @@ def word_kd_sum(student_logits, teacher_logits, target, T=1.0, pad=PAD):
     return kd_sum, int(mask.sum())
 
 
-def word_kd_loss(student_logits, teacher_logits, target, alpha=0.5, T=1.0, pad=PAD, return_parts=False):
+def word_kd_loss(student_logits, teacher_logits, target, alpha=0.5, T=1.0, pad=PAD, return_parts=False,
+                 label_smoothing=0.0):
     """Token-mean Word-KD training loss, interpolated with NLL on the target:
 
         L = alpha * L_WORD-KD + (1 - alpha) * L_NLL                (Kim & Rush 2016, section 3.1)
 
     Each term is summed over the real target positions and divided by their number (alpha = 0 is
     exactly nll_loss). L_WORD-KD is as word_kd_sum (teacher entropy included, T^2-scaled); L_NLL
-    always uses T = 1. The paper uses alpha = 0.5, T = 1. Shapes as word_kd_sum.
+    always uses T = 1 (and label_smoothing, as nll_sum). The paper uses alpha = 0.5, T = 1. Shapes as word_kd_sum.
     Returns a 0-dim float32 tensor; with return_parts, (loss, {"word_kd": L_WORD-KD, "nll": L_NLL}),
     the two terms per token and detached (training logs them). The teacher gets no gradient."""
     kd_sum, ntokens = word_kd_sum(student_logits, teacher_logits, target, T=T, pad=pad)
-    nll, _ = nll_sum(student_logits, target, pad)
+    nll, _ = nll_sum(student_logits, target, pad, label_smoothing)
     n = max(ntokens, 1)
     loss = (alpha * kd_sum + (1.0 - alpha) * nll) / n
     return (loss, {"word_kd": kd_sum.detach() / n, "nll": nll.detach() / n}) if return_parts else loss
@@ -163,6 +172,9 @@ def resolve_distillation_flags(args) -> None:
         if args.kd_alpha is not None:
             raise UserError("--kd-alpha is for --kd word; with --kd relation weigh the terms in --relation-terms "
                             "(e.g. 'miniend-e,nll=0.5,logit=0.5')")
+        if args.label_smoothing:
+            raise UserError("--label-smoothing smooths the NLL of plain training and of --kd word, not the 'nll' "
+                            "term of --kd relation: drop --label-smoothing")
         args.relation_terms = args.relation_terms or "miniend-d"
         relation_losses.parse_relation_terms(args.relation_terms)  # a bad spec fails now, before any data is read
     elif args.relation_terms or args.relation_heads:
@@ -215,7 +227,7 @@ def warn_unknown_words(args, examples, vocab_source, limit=0.05) -> None:
               f"are <unk> in the vocabularies of {vocab_source}: they were built on other text")
 
 
-def compute_loss(model, batch, kd: Distillation | None = None, normalize="tokens"):
+def compute_loss(model, batch, kd: Distillation | None = None, normalize="tokens", label_smoothing=0.0):
     """The training loss of a batch, and its parts for the log.
 
         no teacher:       L = L_NLL = -Σ_t log p(y_t | y_<t, x), over the real target tokens
@@ -223,6 +235,7 @@ def compute_loss(model, batch, kd: Distillation | None = None, normalize="tokens
         --kd relation:    L = Σ_term w_term L_term              (MiniLM / MiniEnD, relation_losses.py)
 
     Teacher forcing on the batch's target prefix, the teacher in eval mode with no gradient.
+    label_smoothing: the ε of L_NLL, with and without Word-KD (nll_sum; not --kd relation's "nll" term).
     normalize="tokens": L per real target token (batch.ntokens). "sents": per sentence instead (Luong
     et al. 2015 and Kim & Rush's code), the per-token loss x ntokens / B, the relation terms too.
     Returns (loss: 0-dim tensor to backpropagate, parts: {"loss": the per-token loss, whatever
@@ -240,12 +253,54 @@ def compute_loss(model, batch, kd: Distillation | None = None, normalize="tokens
         with torch.no_grad():
             teacher_logits, _ = kd.teacher(batch.src, batch.src_mask, batch.tgt_in)  # (B, T, V)
         loss, parts = word_kd_loss(logits, teacher_logits, batch.tgt_out, alpha=kd.alpha, T=kd.temperature,
-                                   return_parts=True)  # Kim & Rush, section 3.1
+                                   return_parts=True, label_smoothing=label_smoothing)  # Kim & Rush, section 3.1
     else:
         logits, _ = model(batch.src, batch.src_mask, batch.tgt_in)  # (B, T, V)
-        loss_sum, ntokens = nll_sum(logits, batch.tgt_out)
+        loss_sum, ntokens = nll_sum(logits, batch.tgt_out, label_smoothing=label_smoothing)
         loss, parts = loss_sum / ntokens, {}
     parts["loss"] = loss.detach()
     if normalize == "sents":
         loss = loss * batch.ntokens / batch.src.size(0)    # Σ over tokens / B
     return loss, parts
+
+
+# 5. Divergence: a training loss that has gone wrong -------------------------------------------
+
+class DivergenceCheck:
+    """Watches the training loss (train.py stops the run when check() says what is wrong). Every 10 steps: was the
+    loss NaN or infinite in a step since the last check? Every `window` steps after the first `window`: is the
+    mean loss per token of the last `window` steps above log V (V: the target vocabulary), the loss of a uniform
+    guess, i.e. did the model unlearn even what it knew at the start? The loss watched is the NLL part, of which
+    a uniform guess scores log V (label-smoothed or not; Word-KD's L_NLL is at T = 1); with --kd relation and
+    no 'nll' term, the total loss, then for NaN and infinity only. `state` (from .state()) continues a check."""
+    window = 200     # steps
+
+    def __init__(self, vocab_size: int, kd: Distillation | None = None, state: dict | None = None):
+        self.vocab_size = vocab_size
+        self.against_uniform = kd is None or kd.kind == "word" or "nll" in kd.terms
+        self.sum, self.tokens = (state["sum"], state["tokens"]) if state else (0.0, 0)
+
+    def add(self, parts: dict, ntokens: int) -> None:
+        """One batch: compute_loss's parts (per token) and its real target tokens."""
+        self.sum = self.sum + parts.get("nll", parts["loss"]) * ntokens   # a tensor: no wait for the GPU here
+        self.tokens += ntokens
+
+    def state(self) -> dict:
+        return {"sum": float(self.sum), "tokens": self.tokens}
+
+    def check(self, step: int) -> str | None:
+        """After optimizer step `step` (counted from 1): what is wrong and what to do, or None."""
+        if (step % 10 and step % self.window) or not self.tokens:
+            return None
+        mean, uniform, end = float(self.sum) / self.tokens, math.log(self.vocab_size), step % self.window == 0
+        if end:
+            self.sum, self.tokens = 0.0, 0
+        if not math.isfinite(mean):
+            what = f"the training loss is {mean} by step {step}"
+        elif end and step > self.window and self.against_uniform and mean > uniform:
+            what = (f"the mean training loss of steps {step - self.window + 1}-{step} is {mean:.4g} a token, above "
+                    f"log {self.vocab_size} = {uniform:.4g}, that of a uniform guess")
+        else:
+            return None
+        return (f"training diverged: {what}; lower --lr (or keep --clip on, or add --warmup STEPS) and start "
+                "again with --overwrite")

@@ -1,19 +1,25 @@
 """What a long run needs besides the model, shared by train.py and translate.py: 1. files written
-atomically, and locked against a second run, 2. resuming (random-number state, Ctrl-C), 3. several
-processes: `torchrun --nproc_per_node N script.py ...` starts N copies of the script (one per GPU; on
-a CPU, N processes) with WORLD_SIZE=N, RANK and LOCAL_RANK set; setup_processes joins them into one
-process group, and each script splits its work by rank (train.py: a share of every batch;
-translate.py: one shard of the lines each).
+atomically, and locked against a second run, 2. resuming (train.py's Progress, random-number state,
+Ctrl-C), 3. several processes: `torchrun --nproc_per_node N script.py ...` starts N copies of the
+script (one per GPU; on a CPU, N processes) with WORLD_SIZE=N, RANK and LOCAL_RANK set;
+setup_processes joins them into one process group, and each script splits its work by rank
+(train.py: a share of every batch; translate.py: one shard of the lines each), 4. train.py's run
+folders: the checkpoints a run starts from, and SAVE_DIR/run.json, the record of how it was started.
 """
 import contextlib
 import datetime
+import importlib
 import json
+import math
 import os
+import platform
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -119,7 +125,21 @@ def is_alive(pid: int) -> bool:
     return True
 
 
-# 2. Resume: random-number state and Ctrl-C ---------------------------------------------------
+# 2. Resume: progress, random-number state and Ctrl-C ------------------------------------------
+
+@dataclass
+class Progress:
+    """Where a train.py run stands: everything besides weights and optimizer that --resume needs."""
+    epoch: int = 1                 # the current epoch, counted from 1
+    batch_in_epoch: int = 0        # batches of this epoch already trained on
+    step: int = 0                  # optimizer steps so far
+    lr: float = 1.0
+    best_valid_ppl: float = math.inf
+    best_valid_bleu: float = -1.0
+    prev_valid_ppl: float = math.inf   # for --decay-on-plateau
+    evals_since_best: int = 0      # for --patience
+    elapsed: float = 0.0           # seconds of this run, over all its resumptions
+
 
 def rng_states() -> dict:
     """Every random stream training draws from (torch CPU and CUDA, Python's), for a checkpoint."""
@@ -205,7 +225,107 @@ def leave_together(world: int) -> None:
         torch.distributed.barrier()
 
 
+def exit_script(code: int) -> None:
+    """Exit with `code`; under torchrun at once, skipping Python's shutdown (call it when all is saved and every
+    process is past the last barrier): DDP keeps gloo's threads alive after destroy_process_group (torch 2.13),
+    and an interpreter shutting down beside them can abort, which torchrun reports as a failure."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def end_processes() -> None:
     """Leave the process group, if this process joined one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# 4. Run folders: the checkpoints a run starts from, the run record ---------------------------
+# (data, flags and model import this module: what this part needs of them is imported where it is used)
+
+def starting_checkpoints(args, last_path) -> tuple:
+    """The checkpoints a run starts from, each None if not given: (resume: SAVE_DIR/last.pt with --resume,
+    start: the weights and config to start from (resume or --init), teacher, vocab: the vocabularies to
+    take (else new ones are built), vocab_source: where they come from). --resume gives everything; --init
+    weights, config, masks and vocabularies; --vocab-from and --teacher vocabularies. With a checkpoint to
+    start from, args.arch becomes its architecture. A SAVE_DIR holding a run needs --resume or --overwrite."""
+    from data import UserError
+    from flags import check_model_flags
+    from model import load_checkpoint
+    if not args.resume and os.path.exists(last_path) and not args.overwrite:
+        raise UserError(f"{os.path.dirname(last_path)} already holds a run: add --resume to continue it, or "
+                        "--overwrite to start again")
+    resume = load_checkpoint(last_path) if args.resume else None
+    init = load_checkpoint(args.init) if args.init and not resume else None
+    teacher = load_checkpoint(args.teacher) if args.teacher else None
+    if resume:
+        vocab, vocab_source = resume, str(last_path)
+    elif init:
+        vocab, vocab_source = init, f"--init {args.init}"
+    elif args.vocab_from:
+        vocab, vocab_source = load_checkpoint(args.vocab_from), f"--vocab-from {args.vocab_from}"
+    elif teacher:
+        vocab, vocab_source = teacher, f"the teacher {args.teacher} (distillation needs the same words)"
+    else:
+        vocab, vocab_source = None, None
+    start = resume or init                    # the model's weights and config, else a new model
+    source = (str(last_path) if resume else f"--init {args.init}") if start else None
+    if start:
+        if args.arch and args.arch != start["arch"]:
+            raise UserError(f"--arch {args.arch}, but {source} is a {start['arch']} model: drop --arch (fine-tuning "
+                            "keeps the checkpoint's architecture), or drop --init to train a new model")
+        args.arch = start["arch"]
+    check_model_flags(args, args.arch, start["config"] if start else None, source)
+    return resume, start, teacher, vocab, vocab_source
+
+
+def code_version(folder) -> dict:
+    """The code in `folder`: {"commit": its git commit (40 hex digits), "dirty": whether tracked or new files
+    differ from it}, both None when it is not a git checkout (or git is not installed)."""
+    def git(*argv):
+        try:
+            done = subprocess.run(["git", "-C", str(folder), *argv], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    return {"commit": commit, "dirty": None if status is None else status != ""}
+
+
+def package_versions() -> dict:
+    """The versions of Python and of the packages a result depends on (None: not installed)."""
+    versions = {"python": platform.python_version()}
+    for name in ["torch", "numpy", "sacrebleu", "sentencepiece"]:
+        try:
+            versions[name] = importlib.import_module(name).__version__
+        except (ImportError, AttributeError):
+            versions[name] = None
+    return versions
+
+
+def write_run_record(path, settings: dict, device, processes: int, resumed_at: int | None = None) -> dict:
+    """Write PATH (SAVE_DIR/run.json, atomically): how the run was started, to repeat or explain it. A new run:
+    {"started" (local time), "command" (the argument list), "settings" (every resolved flag, the model
+    config), "code" (code_version of this folder), "versions" (package_versions), "device", "step": 0,
+    "resumptions": []}; the device: {"device" (e.g. cuda:0), its "name", "processes" (torchrun's), CPU
+    "threads"}. A run resumed at step `resumed_at` keeps the record and appends {"started", "command",
+    "code", "versions", "device", "step", "changed": the settings that differ from the record's} to its
+    "resumptions" (a run from before records began gets a new record, at its step). Returns the record."""
+    settings = json.loads(json.dumps(settings, default=str))      # what JSON holds of it (paths as text)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    device = {"device": str(device), "name": name, "processes": processes, "threads": torch.get_num_threads()}
+    now = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "command": [sys.executable, *sys.argv], "code": code_version(os.path.dirname(os.path.abspath(__file__))),
+           "versions": package_versions(), "device": device, "step": resumed_at or 0}
+    if resumed_at is not None and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        changed = {flag: value for flag, value in settings.items() if record["settings"].get(flag) != value}
+        record["resumptions"].append({**now, "changed": changed})
+    else:
+        record = {**now, "settings": settings, "resumptions": []}
+    write_json(record, path)
+    return record

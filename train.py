@@ -3,35 +3,38 @@
     python train.py                     # the built-in synthetic corpus, minutes on a CPU
     python train.py --help              # every flag, one step of the loop, and how the recipes use them
 
-Where things are: the flags, their defaults and what they name (checkpoints, text, vocabularies) in
-flags.py; the distillation and the loss of a batch in kd_losses.py; random-number state, Ctrl-C and
-torchrun in runs.py. This file reads top to bottom: batches, evaluation, checkpoints, several processes,
-and the run: setup, train_loop (its steps: train_step) and finish, plain functions of a Run, the run's state.
+Where things are: the flags and their defaults in flags.py; the text and vocabularies they name in
+data.py; the distillation and the loss of a batch in kd_losses.py; random-number state, Ctrl-C, torchrun,
+the checkpoints a run starts from and its record (SAVE_DIR/run.json) in runs.py. This file reads top to
+bottom: batches, evaluation, checkpoints, several processes, and the run: setup, train_loop (its steps:
+train_step) and finish, plain functions of a Run, the run's state.
 """
+import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from sacrebleu.metrics import CHRF
 from tqdm import tqdm
 
 import beam
 import data
 import prune
 import span_corruption
-from data import UserError
-from flags import (OPTIMIZERS, build_parser, get_vocabs, load_splits, make_model_config, resolve_defaults,
-                   span_corruption_sentinels, starting_checkpoints)
-from kd_losses import check_teacher_vocabs, compute_loss, make_distillation, nll_sum, warn_unknown_words
+from data import UserError, get_vocabs, load_splits, span_corruption_data
+from flags import CPU_THREADS, OPTIMIZERS, make_model_config, parse_args
+from kd_losses import (DivergenceCheck, check_teacher_vocabs, compute_loss, make_distillation, nll_sum,
+                       warn_unknown_words)
 from model import (build_model, count_params, eval_mode, load_checkpoint, model_from_checkpoint, pick_device,
                    save_checkpoint)
-from runs import (StopOnCtrlC, append_line, end_processes, from_process_0, leave_together, lock, restore_log,
-                  rng_states, set_rng_states, setup_processes, sum_over_processes)
+from runs import (Progress, StopOnCtrlC, append_line, end_processes, exit_script, from_process_0, leave_together, lock,
+                  restore_log, rng_states, set_rng_states, setup_processes, starting_checkpoints, sum_over_processes,
+                  write_run_record)
 
 
 # Batches ----------------------------------------------------------------------
@@ -55,13 +58,18 @@ def perplexity(model, examples, args, device) -> float:
                 logits, _ = model(batch.src, batch.src_mask, batch.tgt_in)  # (B, T, V)
             loss_sum, n = nll_sum(logits, batch.tgt_out)
             total, ntokens = total + loss_sum, ntokens + n
-    return math.exp(total.item() / ntokens)
+    mean = total.item() / ntokens
+    return math.inf if mean > 709 else math.exp(mean)   # (exp overflows a float past 709.78; NaN stays NaN)
 
 
-def greedy_bleu(model, pairs, src_vocab, tgt_vocab, args):
-    """sacrebleu BLEU (with .signature) of greedy translations of the pairs' sources against their targets."""
+def greedy_scores(model, pairs, src_vocab, tgt_vocab, args):
+    """sacrebleu BLEU and chrF (character 6-grams, β = 2), each with .signature, of one greedy translation of
+    the pairs' sources against their targets."""
     hyps = beam.translate(model, src_vocab, tgt_vocab, [src for src, _ in pairs], beam=1)
-    return beam.bleu(hyps, [tgt for _, tgt in pairs], tokenize=args.bleu_tokenize)
+    refs, metric = [tgt for _, tgt in pairs], CHRF()
+    chrf = metric.corpus_score(hyps, [refs])
+    chrf.signature = str(metric.get_signature())
+    return beam.bleu(hyps, refs, tokenize=args.bleu_tokenize), chrf
 
 
 def autocast(device):
@@ -70,20 +78,6 @@ def autocast(device):
 
 
 # Checkpoints ------------------------------------------------------------------
-
-@dataclass
-class Progress:
-    """Where the run stands: everything besides weights and optimizer that --resume needs."""
-    epoch: int = 1                 # the current epoch, counted from 1
-    batch_in_epoch: int = 0        # batches of this epoch already trained on
-    step: int = 0                  # optimizer steps so far
-    lr: float = 1.0
-    best_valid_ppl: float = math.inf
-    best_valid_bleu: float = -1.0
-    prev_valid_ppl: float = math.inf   # for --decay-on-plateau
-    evals_since_best: int = 0      # for --patience
-    elapsed: float = 0.0           # seconds of this run, over all its resumptions
-
 
 def save(run, path: Path, with_optimizer=True, **extra) -> None:
     """Write a checkpoint (process 0 alone): only tensors and plain Python values, so that
@@ -102,15 +96,16 @@ def save(run, path: Path, with_optimizer=True, **extra) -> None:
 # Under torchrun (runs.py) every process builds the same batches (a function of --seed and the epoch) and
 # takes sentences r, r+N, r+2N, ... of each (process r; a batch of fewer than N sentences is skipped). DDP
 # averages the N gradients in backward(); each share's loss is weighted by its part of the batch (as
-# --normalize counts), so the average is the whole batch's gradient and every process clips and steps
-# identically. Process 0 alone evaluates, prints and saves; the others wait for its figures (the lr schedule
-# needs them). Processes 1..N-1 draw dropout from their own streams, reseeded at the start of a run, so a
-# resumed run under torchrun repeats the uninterrupted one except for those masks.
+# --normalize counts; with --accum, of the step's batches: the last backward() averages, no_sync before), so
+# the average is the whole step's gradient and every process clips and steps identically. Process 0 alone
+# evaluates, prints and saves; the others wait for its figures (the lr schedule needs them). Processes 1..N-1
+# draw dropout from their own streams, reseeded at the start of a run, so a resumed run under torchrun
+# repeats the uninterrupted one except for those masks.
 
 
 def share_of_batch(examples, mine, whole, normalize: str) -> float:
-    """This process's part `mine` of the `whole` batch (example indices), in what --normalize divides
-    by: target tokens (with EOS) or sentences."""
+    """This process's part `mine` of the `whole` step (example indices: its batch, or its --accum batches),
+    in what --normalize divides by: target tokens (with EOS) or sentences."""
     def size(idxs):
         return sum(len(examples[i][1]) + 1 for i in idxs) if normalize == "tokens" else len(idxs)
     return size(mine) / size(whole)
@@ -128,7 +123,8 @@ class Run:
       torchrun), masks ({name: bool tensor, True = kept}, a pruned model's), n_params, kd.
     make_optimizer: optimizer, progress. Since the last evaluation: part_sums ({part: Σ per-token
       value x ntokens}), tokens, train_time; last_eval_step, last_record (its log.jsonl line);
-      log_rows (the rows of log.jsonl), saved_at (run.elapsed() when last.pt was last written)."""
+      log_rows (the rows of log.jsonl), saved_at (run.elapsed() when last.pt was last written); divergence
+      (kd_losses.DivergenceCheck: it watches the training loss)."""
 
     def __init__(self, args, rank: int, world: int, device: torch.device):
         self.args, self.rank, self.world, self.device = args, rank, world, device
@@ -145,12 +141,10 @@ class Run:
 
 def setup(args) -> Run:
     """Everything before the first step (processes, checkpoints, data, models, optimizer); returns the Run."""
-    save_dir = Path(args.save_dir)
-    if not args.resume and (save_dir / "last.pt").exists() and not args.overwrite:
-        raise UserError(f"{save_dir} already holds a run: add --resume to continue it, or --overwrite to start again")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rank, world, device = setup_processes(pick_device(args.device))   # one process, or one of torchrun's N
+    if args.threads or device.type == "cpu":   # on the CPU, flags.CPU_THREADS unless --threads
+        torch.set_num_threads(args.threads or CPU_THREADS)
+        print(f"CPU threads: {torch.get_num_threads()}" + ("" if args.threads else " (--threads N to change)"))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     run = Run(args, rank, world, device)
@@ -158,6 +152,9 @@ def setup(args) -> Run:
     read_data(run, vocab_ckpt, vocab_source, teacher_ckpt)
     make_models(run, start, teacher_ckpt)
     make_optimizer(run, resume)
+    if rank == 0:  # SAVE_DIR/run.json
+        write_run_record(run.save_dir / "run.json", {**vars(args), "model": run.config}, device, world,
+                         run.progress.step if resume else None)
     return run
 
 
@@ -184,16 +181,9 @@ def read_data(run: Run, vocab_ckpt, vocab_source, teacher_ckpt) -> None:
         run.valid_pairs = valid_pairs
         return
     # span corruption: the training examples are made afresh every epoch (train_loop), the validation ones once
-    run.sentinels = span_corruption_sentinels(src_vocab, tgt_vocab, vocab_source)
-    run.train_sentences = src_vocab.encode_batch([s for s, _ in train_pairs])   # [ids, ...]
+    run.sentinels, run.train_sentences, run.valid_examples, run.valid_pairs = span_corruption_data(
+        args, src_vocab, tgt_vocab, train_pairs, valid_pairs, vocab_source)
     warn_unknown_words(args, [(ids, ids) for ids in run.train_sentences], vocab_source)
-    run.valid_examples = span_corruption.span_corruption_examples(
-        src_vocab.encode_batch([s for s, _ in valid_pairs]), run.sentinels, args.seed, 0, args.noise_density,
-        args.mean_span_length)
-    run.valid_pairs = [(src_vocab.decode(x), tgt_vocab.decode(y)) for x, y in run.valid_examples]  # for greedy BLEU
-    print(f"span corruption: {len(run.train_sentences):,} training and {len(run.valid_examples):,} validation "
-          f"sentences, noise density {args.noise_density}, mean span length {args.mean_span_length}; "
-          f"e.g. {run.valid_pairs[0][0]!r} -> {run.valid_pairs[0][1]!r}")
 
 
 def make_models(run: Run, start, teacher_ckpt) -> None:
@@ -222,7 +212,7 @@ def make_optimizer(run: Run, resume: dict | None) -> None:
     random-number state, the training figures since its last evaluation and its log rows (--resume)."""
     args = run.args
     run.optimizer = OPTIMIZERS[args.optim](run.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run.progress = Progress(lr=args.lr)
+    run.progress, run.divergence = Progress(lr=args.lr), DivergenceCheck(len(run.tgt_vocab), run.kd)
     if resume:
         if resume["args"]["optim"] != args.optim:
             raise UserError(f"--optim {args.optim}: the run in {run.last_path} uses {resume['args']['optim']}; "
@@ -234,6 +224,7 @@ def make_optimizer(run: Run, resume: dict | None) -> None:
         run.part_sums = {name: (value if first else torch.zeros_like(value)).to(run.device)  # 0 in the others:
                          for name, value in running["part_sums"].items()}           # validate sums them
         run.tokens, run.train_time = (running["tokens"], running["train_time"]) if first else (0, 0.0)
+        run.divergence = DivergenceCheck(len(run.tgt_vocab), run.kd, running.get("divergence"))
         run.last_record = resume.get("last_record")
         run.last_eval_step = run.last_record["step"] if run.last_record else None
         print(f"resuming {run.last_path}: epoch {run.progress.epoch}, batch {run.progress.batch_in_epoch}, "
@@ -274,9 +265,9 @@ def train_loop(run: Run) -> str | None:
             bar = tqdm(total=len(order), initial=progress.batch_in_epoch, desc=f"epoch {progress.epoch}",
                        unit="batch", file=sys.stderr, disable=run.rank > 0, leave=False,
                        mininterval=1.0 if sys.stderr.isatty() else 60.0)  # a log file: a line a minute
-            for idxs in order[progress.batch_in_epoch:]:
-                parts = train_step(run, idxs)
-                bar.update()
+            for first in range(progress.batch_in_epoch, len(order), args.accum):  # --accum batches a step
+                parts = train_step(run, order[first:first + args.accum])
+                bar.update(min(args.accum, len(order) - first))
                 if not bar.disable and progress.step % 10 == 0:  # .item() waits for the GPU: not every step
                     bar.set_postfix(loss=f"{parts['loss'].item():.3f}",
                                     tgt_tok_s=f"{run.tokens / run.train_time:.0f}", refresh=False)
@@ -285,7 +276,11 @@ def train_loop(run: Run) -> str | None:
                     schedule_lr(run, record, epoch_ended=False)
                     save_checkpoints(run, record)
                 due = args.save_every and run.elapsed() - run.saved_at >= 60 * args.save_every  # --save-every
-                stop, save_now = from_process_0((stop_reason(run, ctrl_c), due), run.world)  # all processes alike
+                diverged = run.divergence.check(progress.step)  # all processes alike:
+                stop, save_now, diverged = from_process_0((stop_reason(run, ctrl_c), due, diverged), run.world)
+                if diverged:
+                    bar.close()
+                    raise UserError(diverged)
                 if save_now and not stop:  # (a stop saves anyway, in finish)
                     save_last(run)
                 if stop:
@@ -301,18 +296,28 @@ def train_loop(run: Run) -> str | None:
     return stop
 
 
-def train_step(run: Run, idxs: list[int]) -> dict:
-    """One optimizer step on the batch `idxs` (example indices), of which this process takes its
-    share. Returns the parts of the loss (detached, per token)."""
+def train_step(run: Run, batches: list[list[int]]) -> dict:
+    """One optimizer step on the batches (example indices: one, or --accum of them, fewer at the end of an
+    epoch), of which this process takes its share. Their gradients add up, each loss weighted by its part of
+    them all (share_of_batch): the step of one batch of them all. Returns the parts of the loss of the last
+    batch (detached, per token)."""
     args, progress, optimizer = run.args, run.progress, run.optimizer
     t0 = time.time()
-    mine = idxs[run.rank::run.world]  # this process's share of the batch (all of it in one process)
-    batch = data.collate(run.train_examples, mine).to(run.device)
-    with autocast(run.device):
-        loss, parts = compute_loss(run.train_model, batch, run.kd, args.normalize)
-    if run.world > 1:  # DDP averages the N gradients: weigh this share by its part of the batch
-        loss = loss * run.world * share_of_batch(run.train_examples, mine, idxs, args.normalize)
-    loss.backward()
+    whole = [i for idxs in batches for i in idxs]
+    for k, idxs in enumerate(batches):
+        mine = idxs[run.rank::run.world]  # this process's share of the batch (all of it in one process)
+        batch = data.collate(run.train_examples, mine).to(run.device)
+        last = k == len(batches) - 1   # under DDP, only the last backward() averages the gradients
+        with contextlib.nullcontext() if last or run.world == 1 else run.train_model.no_sync():
+            with autocast(run.device):
+                loss, parts = compute_loss(run.train_model, batch, run.kd, args.normalize, args.label_smoothing)
+            if run.world > 1 or len(batches) > 1:  # DDP averages the N gradients: weigh by the part of the step
+                loss = loss * run.world * share_of_batch(run.train_examples, mine, whole, args.normalize)
+            loss.backward()
+        for name, value in parts.items():
+            run.part_sums[name] = run.part_sums.get(name, 0.0) + value * batch.ntokens
+        run.divergence.add(parts, batch.ntokens)
+        run.tokens += batch.ntokens
     if args.warmup:  # linear warm-up (Vaswani et al. 2017): lr * min(1, (step + 1) / STEPS)
         for group in optimizer.param_groups:
             group["lr"] = progress.lr * min(1.0, (progress.step + 1) / args.warmup)
@@ -325,10 +330,7 @@ def train_step(run: Run, idxs: list[int]) -> dict:
     if run.masks:
         prune.apply_masks(run.model, run.masks)  # pruned weights back to exactly 0
     progress.step += 1
-    progress.batch_in_epoch += 1
-    for name, value in parts.items():
-        run.part_sums[name] = run.part_sums.get(name, 0.0) + value * batch.ntokens
-    run.tokens += batch.ntokens
+    progress.batch_in_epoch += len(batches)
     run.train_time += time.time() - t0
     return parts
 
@@ -358,24 +360,26 @@ def validate(run: Run, stopped=None) -> dict:
 
 
 def evaluate(run: Run, stopped) -> dict:
-    """Validation perplexity and greedy BLEU; print them with the training figures, return the log row."""
+    """Validation perplexity, greedy BLEU and chrF; print them with the training figures, return the log row."""
     args, progress, tokens = run.args, run.progress, run.tokens
     ppl = perplexity(run.model, run.valid_examples, args, run.device)
-    bleu = greedy_bleu(run.model, run.valid_pairs, run.src_vocab, run.tgt_vocab, args)
+    bleu, chrf = greedy_scores(run.model, run.valid_pairs, run.src_vocab, run.tgt_vocab, args)
     means = {name: value.item() / tokens for name, value in run.part_sums.items()}  # per target token
     record = {"step": progress.step, "epoch": progress.epoch, "lr": progress.lr,
               "train_loss": means.pop("loss", None), "valid_ppl": ppl, "valid_bleu": bleu.score,
-              "tokens_per_s": tokens / run.train_time if run.train_time else None, "elapsed": progress.elapsed}
+              "valid_chrf": chrf.score, "tokens_per_s": tokens / run.train_time if run.train_time else None,
+              "elapsed": progress.elapsed}
     if means:  # the terms of a distillation loss, e.g. {"nll": .., "word_kd": ..}
         record["train_parts"] = means
     if stopped:
         record["stopped"] = stopped
     train_loss = f"{record['train_loss']:.3f}" if tokens else "-"
     print(f"step {progress.step} | epoch {progress.epoch} | lr {progress.lr:g} | train loss {train_loss} | "
-          f"valid ppl {ppl:.2f} | valid BLEU {bleu.score:.2f} | {record['tokens_per_s'] or 0:.0f} tgt tok/s" +
+          f"valid ppl {ppl:.2f} | valid BLEU {bleu.score:.2f} | chrF {chrf.score:.2f} | "
+          f"{record['tokens_per_s'] or 0:.0f} tgt tok/s" +
           (f" | stopped: {stopped}" if stopped else ""))
     if run.last_record is None:
-        print(f"BLEU signature: {bleu.signature}")
+        print(f"BLEU signature: {bleu.signature}; chrF signature: {chrf.signature}")
     return record
 
 
@@ -398,8 +402,9 @@ def save_last(run: Run, new_row: bool = False) -> None:
     run.progress.elapsed = run.saved_at = run.elapsed()
     part_sums = {name: sum_over_processes(value, run.world).cpu() for name, value in run.part_sums.items()}
     tokens = int(sum_over_processes(torch.tensor(run.tokens, device=run.device), run.world))
-    save(run, run.last_path, running={"part_sums": part_sums, "tokens": tokens, "train_time": run.train_time},
-         last_record=run.last_record, log_rows=run.log_rows + new_row)
+    running = {"part_sums": part_sums, "tokens": tokens, "train_time": run.train_time,
+               "divergence": run.divergence.state()}
+    save(run, run.last_path, running=running, last_record=run.last_record, log_rows=run.log_rows + new_row)
 
 
 def save_checkpoints(run: Run, record) -> None:
@@ -440,6 +445,7 @@ def finish(run: Run, stop: str | None) -> dict:
     metrics = {"step": progress.step, "epoch": progress.epoch, "params": run.n_params,
                "best_valid_ppl": progress.best_valid_ppl, "best_valid_bleu": progress.best_valid_bleu,
                "valid_ppl": run.last_record["valid_ppl"], "valid_bleu": run.last_record["valid_bleu"],
+               "valid_chrf": run.last_record.get("valid_chrf"),
                "elapsed": progress.elapsed, "best_path": str(run.best_path), "last_path": str(run.last_path),
                "log_path": str(run.log_path)}
     if "test" in run.splits and run.rank == 0:
@@ -453,9 +459,10 @@ def score_test(run: Run) -> dict:
     best = model_from_checkpoint(load_checkpoint(run.best_path), device=run.device)
     test_pairs, _ = data.clean_pairs(run.splits["test"], name="test")
     ppl = perplexity(best, data.encode_pairs(test_pairs, run.src_vocab, run.tgt_vocab), run.args, run.device)
-    bleu = greedy_bleu(best, test_pairs, run.src_vocab, run.tgt_vocab, run.args)
-    print(f"test ({run.best_path}): ppl {ppl:.2f} | greedy BLEU {bleu.score:.2f} | {bleu.signature}")
-    return {"test_ppl": ppl, "test_bleu": bleu.score}
+    bleu, chrf = greedy_scores(best, test_pairs, run.src_vocab, run.tgt_vocab, run.args)
+    print(f"test ({run.best_path}): ppl {ppl:.2f} | greedy BLEU {bleu.score:.2f} | chrF {chrf.score:.2f} | "
+          f"{bleu.signature}")
+    return {"test_ppl": ppl, "test_bleu": bleu.score, "test_chrf": chrf.score}
 
 
 def train(args) -> dict:
@@ -467,18 +474,8 @@ def train(args) -> dict:
 
 def main(argv=None) -> dict:
     """Parse the flags (a list, or sys.argv) and train; a bad input exits with a one-line error."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        resolve_defaults(args)
-        if args.resume:  # the stopped run's flags become the defaults; flags given now override them
-            last_path = Path(args.save_dir) / "last.pt"
-            if not last_path.exists():
-                raise UserError(f"--resume: there is no {last_path} to continue; check --save-dir")
-            parser.set_defaults(**load_checkpoint(last_path)["args"])
-            args = parser.parse_args(argv)
-            resolve_defaults(args)
-        return train(args)
+        return train(parse_args(argv))
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
@@ -488,12 +485,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    code = 130 if main().get("interrupted") else 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # leave at once, skipping Python's shutdown (all is saved, every process is past the last barrier): DDP
-        # keeps gloo's threads alive after destroy_process_group (torch 2.13), and an interpreter shutting
-        # down beside them can abort, which torchrun reports as a failure.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_script(130 if main().get("interrupted") else 0)

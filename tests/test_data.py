@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import synthetic  # noqa: E402
 from data import BOS, EOS, PAD, SPECIALS, UNK, UserError  # noqa: E402
+from flags import build_parser, resolve_defaults  # noqa: E402
 
 def write(tmp_path, name, content):
     path = tmp_path / name
@@ -262,3 +263,37 @@ def test_batches_cover_the_corpus():
             src_ids = b.src[row][b.src_mask[row]].tolist()
             assert src_vocab.decode(src_ids) == pairs[i][0]
             assert tgt_vocab.decode(b.tgt_out[row].tolist()) == pairs[i][1]
+
+
+# ---- what train.py's data flags name: the splits, the vocabularies ---------------------------
+
+FILES = ["--train-src", "c/train.en", "--train-tgt", "c/train.de", "--valid-src", "c/valid.en",
+         "--valid-tgt", "c/valid.de"]    # resolve_defaults only looks at the names
+
+
+def resolved(*argv):
+    args = build_parser().parse_args([str(a) for a in argv])
+    resolve_defaults(args)
+    return args
+
+
+def test_a_new_vocabulary_holds_no_word_of_a_dropped_pair():
+    pairs = [("a b c", "x y"), ("b c", "y z")]
+    junk = [(" ".join(f"s{i}" for i in range(51)), "x"), ("a", " ".join(f"t{i}" for i in range(51))),
+            ("", "t-empty"), ("s-empty", " ")]      # longer than --max-len 50 words, or empty
+    for argv in [[], ["--joint-vocab"], ["--arch", "t5"]]:
+        args = resolved(*FILES, *argv)
+        src_vocab, tgt_vocab = data.get_vocabs(args, pairs + junk, None, None)
+        words = set(src_vocab.itos) | set(tgt_vocab.itos)
+        assert {"a", "b", "c", "x", "y", "z"} <= words and not any(w[0] in "st" for w in words if w[0] != "<")
+        clean = data.get_vocabs(args, pairs, None, None)   # the same as without the dropped pairs
+        assert [v.itos for v in clean] == [src_vocab.itos, tgt_vocab.itos]
+
+
+def test_load_splits_builtin_and_span_corruption():
+    splits = data.load_splits(resolved())
+    assert splits == synthetic.builtin_splits() and {"train", "valid"} <= set(splits)
+    mono = data.load_splits(resolved("--span-corruption"))             # the source side, as (s, s) pairs
+    assert set(mono) == {"train", "valid"}
+    assert mono["train"] == [(s, s) for s, _ in splits["train"]]
+    assert mono["valid"] == [(s, s) for s, _ in splits["valid"]]

@@ -6,10 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 import data
-import synthetic
 from data import UserError
-from flags import (TRAIN_PRESETS, build_parser, check_model_flags, flag_name, get_vocabs, load_splits,
-                   make_model_config, resolve_defaults)
+from flags import TRAIN_PRESETS, build_parser, check_model_flags, flag_name, make_model_config, resolve_defaults
 
 FILES = ["--train-src", "c/train.en", "--train-tgt", "c/train.de", "--valid-src", "c/valid.en",
          "--valid-tgt", "c/valid.de"]    # resolve_defaults only looks at the names
@@ -48,6 +46,7 @@ def test_help_shows_the_usage_and_every_group():
     (FILES + ["--batch-tokens", 900, "--max-steps", 5], dict(batch_size=None, batch_tokens=900, epochs=None)),
     (["--max-steps", 5], dict(epochs=3)),                           # the built-in schedule's epochs
     (["--teacher", "t.pt"], dict(kd="word", kd_alpha=0.5, relation_terms=None)),
+    ([], dict(accum=1, label_smoothing=0.0, threads=None)),     # train.setup picks the threads on the CPU
     (["--teacher", "t.pt", "--kd", "relation"], dict(kd="relation", kd_alpha=None, relation_terms="miniend-d")),
     (["--span-corruption"], dict(sentinels=100, arch="lstm")),
 ])
@@ -70,6 +69,8 @@ def test_defaults_depend_on_the_other_flags(argv, expected):
     (["--teacher", "t.pt", "--kd-alpha", 2], r"--kd-alpha must be in \[0, 1\]"),
     (["--teacher", "t.pt", "--kd", "relation", "--relation-terms", "minilm,bogus"], "unknown term 'bogus'"),
     (["--teacher", "t.pt", "--kd-temperature", 0], "--kd-temperature must be positive"),
+    (["--teacher", "t.pt", "--kd", "relation", "--label-smoothing", 0.1], "--label-smoothing smooths the NLL of "
+     "plain training and of --kd word, not the 'nll' term of --kd relation: drop --label-smoothing"),
 ])
 def test_bad_combinations_are_one_line_user_errors(argv, message):
     with pytest.raises(UserError, match=message) as e:
@@ -104,6 +105,9 @@ def test_bad_combinations_are_one_line_user_errors(argv, message):
     (["--tgt-vocab-size", 4], r"--tgt-vocab-size must be at least 5 \(the specials, the sentinels and a word\)"),
     (["--src-vocab-size", 0], r"--src-vocab-size must be at least 5 "),
     (["--arch", "t5", "--src-vocab-size", 100], r"--src-vocab-size must be at least 105 .*, got 100"),
+    (["--accum", 0], r"--accum must be a positive number, got 0"),
+    (["--label-smoothing", 1], r"--label-smoothing must be in \[0, 1\), got 1.0"),
+    (["--label-smoothing", -0.1], r"--label-smoothing must be in \[0, 1\), got -0.1"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_errors(argv, message):
     with pytest.raises(UserError, match=message) as e:
@@ -126,6 +130,7 @@ def test_numeric_flags_at_the_edges_of_their_ranges_are_accepted():
     (["--dropout", "-0.5"], r"--dropout must be in \[0, 1\), got -0.5"),
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more and finite, got -1.0"),
     (["--save-dir", "FILE"], "--save-dir .*FILE: .*FILE is a file, not a folder; give another --save-dir"),
+    (["--accum", "0"], "--accum must be a positive number, got 0"),
 ])
 def test_train_main_fails_on_bad_numbers_and_save_dirs_before_any_data_is_read(tmp_path, extra, message):
     import train
@@ -148,28 +153,6 @@ def test_save_dir_must_be_a_folder_this_process_can_write_in(tmp_path):
         (tmp_path / "locked").mkdir(mode=0o500)
         with pytest.raises(UserError, match="locked is a folder this process cannot write in"):
             resolved("--save-dir", tmp_path / "locked" / "run")
-
-
-def test_a_new_vocabulary_holds_no_word_of_a_dropped_pair():
-    pairs = [("a b c", "x y"), ("b c", "y z")]
-    junk = [(" ".join(f"s{i}" for i in range(51)), "x"), ("a", " ".join(f"t{i}" for i in range(51))),
-            ("", "t-empty"), ("s-empty", " ")]      # longer than --max-len 50 words, or empty
-    for argv in [[], ["--joint-vocab"], ["--arch", "t5"]]:
-        args = resolved(*FILES, *argv)
-        src_vocab, tgt_vocab = get_vocabs(args, pairs + junk, None, None)
-        words = set(src_vocab.itos) | set(tgt_vocab.itos)
-        assert {"a", "b", "c", "x", "y", "z"} <= words and not any(w[0] in "st" for w in words if w[0] != "<")
-        clean = get_vocabs(args, pairs, None, None)   # the same as without the dropped pairs
-        assert [v.itos for v in clean] == [src_vocab.itos, tgt_vocab.itos]
-
-
-def test_load_splits_builtin_and_span_corruption():
-    splits = load_splits(resolved())
-    assert splits == synthetic.builtin_splits() and {"train", "valid"} <= set(splits)
-    mono = load_splits(resolved("--span-corruption"))             # the source side, as (s, s) pairs
-    assert set(mono) == {"train", "valid"}
-    assert mono["train"] == [(s, s) for s, _ in splits["train"]]
-    assert mono["valid"] == [(s, s) for s, _ in splits["valid"]]
 
 
 def test_model_flags_fit_the_architecture_and_the_checkpoint():

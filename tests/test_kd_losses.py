@@ -1,7 +1,8 @@
 """Tests for kd_losses.py: NLL, Word-KD (Kim & Rush 2016, 3.1), the Seq-Inter selection (3.3) and
-the training loss of a batch (compute_loss)."""
+the training loss of a batch (compute_loss), label smoothing and the divergence check."""
 import math
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -10,8 +11,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from data import PAD, UNK  # noqa: E402
-from kd_losses import (Distillation, compute_loss, nll_loss, nll_sum, select_seq_inter, sentence_bleu,  # noqa: E402
-                       warn_unknown_words, word_kd_loss, word_kd_sum)
+from kd_losses import (Distillation, DivergenceCheck, compute_loss, nll_loss, nll_sum, select_seq_inter,  # noqa: E402
+                       sentence_bleu, warn_unknown_words, word_kd_loss, word_kd_sum)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,6 +65,39 @@ def test_nll_no_real_token_is_zero_not_nan():
     logits = torch.randn(1, 2, 5)
     target = torch.full((1, 2), PAD)
     assert nll_loss(logits, target).item() == 0.0
+
+
+def test_label_smoothing_0_is_the_plain_nll_bit_for_bit():
+    student, _, target = random_batch(seed=3)
+    mask = target != PAD
+    today = -torch.log_softmax(student[mask], -1).gather(-1, target[mask].unsqueeze(-1)).sum()
+    assert torch.equal(nll_sum(student, target)[0], today)
+    assert torch.equal(nll_sum(student, target, label_smoothing=0.0)[0], today)
+
+
+def test_label_smoothing_hand_example_with_two_classes():
+    # logits (ln 3, 0): p = (3/4, 1/4); gold class 0, ε = 0.2: target q = (0.8 + 0.1, 0.1) = (0.9, 0.1)
+    # loss = -(0.9 ln 3/4 + 0.1 ln 1/4) = 0.9 * 0.287682 + 0.1 * 1.386294 = 0.397543
+    logits, target = torch.tensor([[[math.log(3.0), 0.0]]]), torch.tensor([[0]])
+    loss, ntokens = nll_sum(logits, target, pad=-1, label_smoothing=0.2)
+    assert ntokens == 1 and loss.item() == pytest.approx(0.9 * math.log(4 / 3) + 0.1 * math.log(4), abs=1e-6)
+    assert loss.item() == pytest.approx(0.397543, abs=1e-6)
+    # a uniform guess scores log V, smoothed or not
+    assert nll_sum(torch.zeros(1, 1, 7), torch.tensor([[5]]), label_smoothing=0.3)[0].item() == pytest.approx(
+        math.log(7))
+
+
+def test_label_smoothing_reaches_the_nll_of_compute_loss_with_and_without_word_kd():
+    student, teacher, target = random_batch(seed=5)
+    n = int((target != PAD).sum())
+    batch = SimpleNamespace(src=None, src_mask=None, tgt_in=target, tgt_out=target, ntokens=n)
+    smoothed = nll_sum(student, target, label_smoothing=0.1)[0] / n
+    assert smoothed.item() > nll_loss(student, target).item()
+    loss, _ = compute_loss(FixedLogits(student), batch, None, label_smoothing=0.1)
+    assert torch.equal(loss.detach(), smoothed)
+    kd = Distillation(FixedLogits(teacher).eval(), "word", alpha=0.0)
+    loss, parts = compute_loss(FixedLogits(student), batch, kd, label_smoothing=0.1)
+    assert torch.equal(parts["nll"], smoothed) and loss.item() == pytest.approx(smoothed.item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,3 +312,59 @@ def test_seq_inter_empty_hypotheses():
     assert select_seq_inter(["", ""], "the cat") == 0
     with pytest.raises(ValueError):
         select_seq_inter([], "the cat")
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence
+# ---------------------------------------------------------------------------------------------
+
+def feed(check, losses, ntokens=10, first_step=1):
+    """One batch a step with these per-token losses; the check's answer after each step."""
+    said = []
+    for step, value in enumerate(losses, start=first_step):
+        check.add({"loss": torch.tensor(value)}, ntokens)
+        said.append(check.check(step))
+    return said
+
+
+def test_divergence_nan_or_inf_is_seen_at_the_next_check_of_every_10_steps():
+    for bad in [math.nan, math.inf]:
+        said = feed(DivergenceCheck(vocab_size=100), [2.0] * 13 + [bad] + [2.0] * 10)
+        assert said[:19] == [None] * 19 and said[19].startswith(f"training diverged: the training loss is {bad} "
+                                                                 "by step 20; lower --lr")
+        assert "\n" not in said[19] and said[19].endswith("start again with --overwrite")
+
+
+def test_divergence_a_window_above_log_v_after_the_first_one():
+    check, log_v = DivergenceCheck(vocab_size=100), math.log(100)      # 4.605
+    check.window = 20
+    # steps 1-20 far above log V (as at the start of some runs): not judged; steps 21-40: a mean of 4.7
+    said = feed(check, [50.0] * 20 + [4.6] * 10 + [4.8] * 10)
+    assert said[:39] == [None] * 39
+    assert said[39].startswith(f"training diverged: the mean training loss of steps 21-40 is 4.7 a token, above "
+                               f"log 100 = {log_v:.4g}, that of a uniform guess")
+    assert feed(check, [4.6] * 20, first_step=41) == [None] * 20      # below log V: training goes on
+    assert feed(check, [4.7] * 20, first_step=61)[-1].startswith("training diverged: the mean training loss of "
+                                                                 "steps 61-80 is 4.7")
+    relation = DivergenceCheck(100, Distillation(None, "relation", terms={"enc-qq": 1.0}), {"sum": 0.0, "tokens": 0})
+    relation.window = 20
+    assert feed(relation, [50.0] * 40) == [None] * 40                  # not an NLL: no log V rule
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
+    """SGD at lr 1e6 on 80 pairs, 5 steps an epoch: the loss runs far above log V (V = 86 target words)."""
+    import synthetic
+    import train
+    argv = ["--save-dir", str(tmp_path / "run"), "--preset", "tiny", "--batch-size", "16", "--optim", "sgd",
+            "--lr", "1e6", "--epochs", "100", "--seed", "3"]     # no --threads: on the CPU 1, and it says so
+    for split, n, seed in [("train", 80, 1), ("valid", 12, 2)]:
+        for side, k in [("src", 0), ("tgt", 1)]:
+            (tmp_path / f"{split}.{side}").write_text("".join(p[k] + "\n" for p in synthetic.synthetic_corpus(n, seed)))
+            argv += [f"--{split}-{side}", str(tmp_path / f"{split}.{side}")]
+    monkeypatch.setattr(DivergenceCheck, "window", 10)           # steps 11-20: the first window judged
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert re.fullmatch(r"error: training diverged: the mean training loss of steps 11-20 is \S+ a token, above "
+                        r"log 86 = 4.454, that of a uniform guess; lower --lr .* --overwrite", str(e.value))
+    assert "CPU threads: 1 (--threads N to change)\n" in capsys.readouterr().out and torch.get_num_threads() == 1
+    assert not (tmp_path / "run" / ".lock").exists()

@@ -1,8 +1,10 @@
 """Tests of runs.py: atomic writes (a failed write changes nothing), the lock of a run folder or an
-output file, and the random-number state."""
+output file, the random-number state, and the run record (SAVE_DIR/run.json)."""
 import json
 import os
+import platform
 import random
+import re
 import subprocess
 import sys
 
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 from data import UserError
-from runs import append_line, lock, restore_log, rng_states, set_rng_states, write_atomically, write_json
+from runs import (append_line, code_version, lock, restore_log, rng_states, set_rng_states, write_atomically,
+                  write_json, write_run_record)
 
 
 def test_a_failing_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
@@ -159,3 +162,32 @@ def test_under_torchrun_only_process_0_takes_the_lock(tmp_path, monkeypatch, oth
     with lock(path, "the run folder"):
         assert path.read_text() == f"{other_process}\n"
     assert path.read_text() == f"{other_process}\n"
+
+
+# ---- the run record ---------------------------------------------------------------------------
+
+
+def test_the_run_record_keeps_the_start_and_appends_each_resumption(tmp_path, monkeypatch):
+    path, cpu = tmp_path / "run.json", torch.device("cpu")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--lr", "0.5"])
+    first = write_run_record(path, {"lr": 0.5, "init": tmp_path / "a.pt", "model": {"hidden": 16}}, cpu, 1)
+    assert json.loads(path.read_text()) == first and first["step"] == 0 and first["resumptions"] == []
+    assert first["command"] == [sys.executable, "train.py", "--lr", "0.5"]
+    assert first["settings"] == {"lr": 0.5, "init": str(tmp_path / "a.pt"), "model": {"hidden": 16}}  # a path: text
+    assert re.fullmatch("[0-9a-f]{40}", first["code"]["commit"]) and first["code"]["dirty"] in (True, False)
+    assert first["versions"]["torch"] == torch.__version__ and first["versions"]["python"] == platform.python_version()
+    assert (first["device"]["device"], first["device"]["processes"], first["device"]["threads"]) == (
+        "cpu", 1, torch.get_num_threads())
+    monkeypatch.setattr(sys, "argv", ["train.py", "--resume", "--lr", "0.25"])
+    again = write_run_record(path, {"lr": 0.25, "init": tmp_path / "a.pt", "model": {"hidden": 16}}, cpu, 1, 30)
+    assert json.loads(path.read_text()) == again
+    assert {k: again[k] for k in ["started", "command", "settings", "step"]} == {
+        k: first[k] for k in ["started", "command", "settings", "step"]}             # the start, kept
+    resumptions = [(r["step"], r["changed"], r["command"][2]) for r in again["resumptions"]]
+    assert resumptions == [(30, {"lr": 0.25}, "--resume")]
+    other = write_run_record(tmp_path / "old" / "run.json", {"lr": 0.5}, cpu, 1, 30)  # resumed, no record yet
+    assert other["step"] == 30 and other["resumptions"] == [] and other["settings"] == {"lr": 0.5}
+
+
+def test_code_version_of_a_folder_outside_git_is_none(tmp_path):
+    assert code_version(tmp_path) == {"commit": None, "dirty": None}

@@ -7,6 +7,7 @@ after 3 steps is in the middle of an epoch.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from sacrebleu.metrics import CHRF
 
+import beam
 import data
 import prune
 import synthetic
 import train
 from flags import build_parser, resolve_defaults
-from model import load_checkpoint, model_from_checkpoint
+from model import PRESETS, load_checkpoint, model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,7 @@ def test_first_loss_is_log_vocab_size_and_training_lowers_it(corpus, tmp_path):
     assert records[-1]["valid_ppl"] < records[0]["valid_ppl"] / 3
 
 
-def test_log_and_returned_metrics(straight):
+def test_log_and_returned_metrics(corpus, straight, teacher):
     records = log(straight)
     # one evaluation at the end of epoch 1 (step 5), one where --max-steps stopped it (step 8)
     assert [(r["step"], r["epoch"]) for r in records] == [(5, 1), (8, 2)]
@@ -108,6 +111,13 @@ def test_log_and_returned_metrics(straight):
     for r in records:
         assert set(r) >= {"step", "epoch", "lr", "train_loss", "valid_ppl", "valid_bleu", "tokens_per_s", "elapsed"}
         assert r["valid_ppl"] > 1 and 0 <= r["valid_bleu"] <= 100 and r["tokens_per_s"] > 0
+    # BLEU and chrF of the same greedy output: of the teacher's last.pt, the model of its last evaluation
+    last, row = load_checkpoint(teacher.parent / "last.pt"), log(teacher.parent)[-1]
+    pairs = data.read_parallel(corpus["--valid-src"], corpus["--valid-tgt"])
+    hyps = beam.translate(model_from_checkpoint(last), *data.vocabs_from_checkpoint(last), [s for s, _ in pairs])
+    refs = [t for _, t in pairs]
+    assert row["valid_bleu"] == beam.bleu(hyps, refs).score and row["valid_chrf"] > 0
+    assert row["valid_chrf"] == CHRF().corpus_score(hyps, [refs]).score and any(hyps)
 
 
 def test_checkpoint_loads_with_weights_only_and_holds_everything(straight):
@@ -119,6 +129,9 @@ def test_checkpoint_loads_with_weights_only_and_holds_everything(straight):
     src_vocab, tgt_vocab = data.vocabs_from_checkpoint(last)
     assert len(tgt_vocab) == last["config"]["tgt_vocab"] and last["config"]["dropout"] == 0.3
     assert last["best_valid_ppl"] == min(r["valid_ppl"] for r in log(straight))
+    record = json.loads((straight / "run.json").read_text())   # the resolved settings: the preset's size too
+    assert record["settings"]["model"]["hidden"] == PRESETS["tiny"]["hidden"] and re.fullmatch(
+        "[0-9a-f]{40}", record["code"]["commit"]) and record["settings"]["normalize"] == "tokens"
     # best.pt is for decoding and --init: no optimizer state, and it rebuilds a working model
     best = load_checkpoint(straight / "best.pt")
     assert best["optimizer"] is None and "masks" not in best
@@ -142,6 +155,29 @@ def test_setup_train_loop_and_finish_are_train_in_three_calls(corpus, straight, 
     assert metrics["step"] == 8 and run.last_eval_step == 8
     assert_same_weights(straight / "last.pt", tmp_path / "last.pt")
     assert [r["valid_ppl"] for r in log(tmp_path)] == [r["valid_ppl"] for r in log(straight)]
+
+
+@pytest.mark.parametrize("normalize", ["tokens", "sents"])
+def test_accum_2_batches_of_40_make_the_step_of_one_batch_of_80(corpus, tmp_path, normalize):
+    # --batch-size 80 is one batch an epoch, 40 two of the same 80 pairs: with --accum 2 one step an epoch too
+    common = ("--optim", "sgd", "--clip", 0, "--normalize", normalize, "--max-steps", 2)  # no clip: the size counts
+    train.main(flags(corpus, tmp_path / "one", *common, "--batch-size", 80))
+    train.main(flags(corpus, tmp_path / "accum", *common, "--batch-size", 40, "--accum", 2))
+    one, accum = load_checkpoint(tmp_path / "one" / "last.pt"), load_checkpoint(tmp_path / "accum" / "last.pt")
+    assert (accum["step"], accum["epoch"]) == (2, 3)
+    for name, weight in one["model"].items():
+        torch.testing.assert_close(accum["model"][name], weight, rtol=0, atol=1e-6)
+
+
+def test_accum_counts_optimizer_steps_and_resumes_exactly(corpus, tmp_path):
+    # 5 batches an epoch, in steps of 2, 2 and 1 batches; stopped after step 2 (mid-epoch) and resumed
+    train.main(flags(corpus, tmp_path / "a", *RESUME_FLAGS, "--accum", 2, "--max-steps", 4))
+    assert [(r["step"], r["epoch"]) for r in log(tmp_path / "a")] == [(3, 1), (4, 2)]
+    train.main(flags(corpus, tmp_path / "b", *RESUME_FLAGS, "--accum", 2, "--max-steps", 2))
+    train.main(["--save-dir", str(tmp_path / "b"), "--resume", "--max-steps", "4"])
+    assert_same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+    record = json.loads((tmp_path / "b" / "run.json").read_text())       # the start, and the resumption
+    assert record["settings"]["max_steps"] == 2 and [r["step"] for r in record["resumptions"]] == [2]
 
 
 # ---- resume -----------------------------------------------------------------------------------
