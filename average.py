@@ -1,14 +1,15 @@
 """Checkpoint averaging: one checkpoint whose weights are the plain mean of several checkpoints'.
 
     python average.py runs/mine/best.pt runs/mine/last.pt --out runs/mine/avg.pt
+    python average.py --last 5 runs/mine --out runs/mine/avg.pt     # its 5 newest epoch{E}.pt
     python translate.py --ckpt runs/mine/avg.pt --src test.en --ref test.de
 
 The mean of the weights of checkpoints from late in one training run (or of runs fine-tuned from
 one start) can decode better than each of them: score it on validation data to see. They must be
 checkpoints of one model: the same architecture, config, vocabularies and weight names and
 shapes, pruned in the same weight classes, else a one-line error names the file. train.py keeps
-two checkpoints per --save-dir, best.pt and last.pt, none per epoch, so the files averaged are
-the ones named on the command line.
+best.pt and last.pt per --save-dir, and with --keep-epochs N the models after its last N epochs,
+SAVE_DIR/epoch{E}.pt: --last N FOLDER averages the N of them with the highest E.
 
 What the average holds:
   float tensors       the mean over the checkpoints, summed in float64, stored in the tensor's dtype
@@ -29,8 +30,9 @@ import sys
 
 import torch
 
-from data import UserError
+from data import UserError, plural
 from model import load_checkpoint, save_checkpoint
+from runs import epoch_checkpoints
 
 # what must be equal in every checkpoint, and how to get checkpoints that agree
 FIX = {"architecture": "average checkpoints of one model",
@@ -96,18 +98,39 @@ def average(paths):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Average the weights of checkpoints of one model (a plain mean) into one checkpoint.",
-        epilog="example:  python average.py runs/mine/best.pt runs/mine/last.pt --out runs/mine/avg.pt\n"
-               "train.py keeps best.pt and last.pt per --save-dir (no per-epoch files): name the checkpoints "
-               "to average.", formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="examples:  python average.py runs/mine/best.pt runs/mine/last.pt --out runs/mine/avg.pt\n"
+               "           python average.py --last 5 runs/mine --out runs/mine/avg.pt   (train.py --keep-epochs 5)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpts", nargs="+", metavar="CKPT",
                    help="checkpoints of one model (train.py, prune.py); config, vocabularies and "
-                        "the rest come from the last")
+                        "the rest come from the last; with --last, one train.py --save-dir")
+    p.add_argument("--last", type=int, metavar="N", help="average the N epoch checkpoints SAVE_DIR/epoch{E}.pt "
+                   "of the highest E in the folder given (train.py --keep-epochs N keeps them)")
     p.add_argument("--out", required=True, help="where to write the average (atomically)")
     return p.parse_args(argv)
 
 
+def last_epochs(folder, n):
+    """--last N FOLDER: the paths of FOLDER's N epoch checkpoints of the highest epochs, oldest first."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--last {n} {folder}: not a folder; give one train.py --save-dir, e.g. --last {n} runs/mine")
+    found = epoch_checkpoints(folder)
+    if len(found) < n:
+        names = ", ".join(os.path.basename(path) for path in found) or "none"
+        fewer = f", or give --last {len(found)}" if len(found) >= 2 else ""
+        raise UserError(f"--last {n}: {folder} holds {plural(len(found), 'epoch checkpoint')} ({names}); "
+                        f"train with --keep-epochs {n}{fewer}")
+    return found[len(found) - n:]
+
+
 def check_args(args):
-    """Before any checkpoint is loaded: two or more existing files, each once, and a file to write."""
+    """Before any checkpoint is loaded: two or more existing files, each once, and a file to write; --last N
+    FOLDER: one folder, N >= 2, whose N newest epoch checkpoints become the files."""
+    if args.last is not None:
+        if len(args.ckpts) != 1 or args.last < 2:
+            raise UserError(f"--last {args.last} {' '.join(args.ckpts)}: give --last 2 or more and one folder, e.g. "
+                            "average.py --last 5 runs/mine --out avg.pt")
+        args.ckpts = last_epochs(args.ckpts[0], args.last)
     if len(args.ckpts) < 2:
         raise UserError(f"average.py {args.ckpts[0]}: give two or more checkpoints to average")
     seen = {}                                   # real path -> the path given first

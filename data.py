@@ -35,6 +35,11 @@ class UserError(Exception):
     """A mistake in the user's input (a file, a flag); command-line tools print it without a traceback."""
 
 
+def plural(n: int, word: str) -> str:
+    """A count and its word for messages: 1 epoch, 2 epochs, 1,000 lines."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 # 2. Vocabularies -----------------------------------------------------------------------------
 # Both vocabulary classes have the same interface:
 #   encode(line) -> ids (no BOS/EOS)      decode(ids) -> line (stops at EOS, drops PAD/BOS)
@@ -238,7 +243,7 @@ def read_parallel(src_path, tgt_path):
     UserError (besides read_lines'): the two files have different numbers of lines."""
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
-        raise UserError(f"{src_path} has {len(src):,} lines but {tgt_path} has {len(tgt):,}; "
+        raise UserError(f"{src_path} has {plural(len(src), 'line')} but {tgt_path} has {len(tgt):,}; "
                         f"a parallel corpus needs one sentence per line on both sides")
     return list(zip(src, tgt))
 
@@ -268,7 +273,7 @@ def clean_pairs(pairs, max_len=None, src_vocab=None, tgt_vocab=None, name="train
     too_long = f", {n_long:,} longer than {max_len} tokens" if max_len is not None else ""
     summary = f"{n_empty:,} empty{too_long}"
     if verbose:
-        print(f"{name}: kept {len(kept):,} of {len(pairs):,} pairs ({summary})")
+        print(f"{name}: kept {len(kept):,} of {plural(len(pairs), 'pair')} ({summary})")
     if not kept:
         raise UserError(f"{name}: no sentence pairs left ({summary}); check the files"
                         + (" or raise --max-len" if n_long else ""))

@@ -6,10 +6,11 @@
     python train.py ... --teacher teacher.pt --kd-alpha 0.5    # Word-KD (Kim & Rush 2016, section 3.1)
     python train.py ... --init student.pt --lr 0.1              # fine-tune (Seq-Inter, retrain a pruned model)
     python train.py --resume --save-dir runs/NAME               # continue a stopped run exactly
+    python train.py ... --keep-epochs 5                         # then average.py --last 5 runs/NAME --out avg.pt
     python train.py ... --preset kim-rush-teacher               # the paper's size AND schedule (TRAIN_PRESETS)
     torchrun --nproc_per_node 4 train.py ...                    # 4 GPUs (or processes), DistributedDataParallel
     python train.py --arch t5                                   # the T5-like transformer (t5.py), Adafactor
-    python train.py --arch t5 --preset t5-student-small --teacher t5.pt --kd relation \
+    python train.py --arch t5 --preset t5-student-small --teacher t5.pt --kd relation \\
                     --relation-terms miniend-d                  # MiniEnD-D: attention relations + logit KD
     python train.py ... --span-corruption --mono text.txt       # T5 span corruption on unlabelled text
 
@@ -34,7 +35,8 @@ that translation and span-corruption models can share one vocabulary (a teacher 
 
 Every evaluation (each epoch, or every --eval-every steps) computes the validation perplexity and the
 BLEU and chrF of one greedy decoding, writes SAVE_DIR/last.pt, then appends a line to SAVE_DIR/log.jsonl;
-SAVE_DIR/best.pt keeps the model with the best validation perplexity (--best-metric bleu: by BLEU). last.pt
+SAVE_DIR/best.pt keeps the model with the best validation perplexity (--best-metric bleu: by BLEU), and with
+--keep-epochs N SAVE_DIR/epoch{E}.pt the model after each of the last N epochs (for average.py --last N). last.pt
 is also written every --save-every minutes (default 10), so a killed run loses little. --resume continues
 from last.pt to the same result an uninterrupted run gives: the batches of an epoch depend only on (--seed,
 epoch), and the checkpoint holds the optimizer, the learning-rate schedule, the random-number generators,
@@ -123,7 +125,7 @@ NUMBER_RANGES = [
     ("a positive number", lambda x: x > 0, "batch_size batch_tokens max_len epochs max_steps patience eval_every"
      " threads relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff accum"),
     ("positive and finite", lambda x: 0 < x < math.inf, "lr kd_temperature mean_span_length time_limit"),
-    ("0 or more", lambda x: x >= 0, "sentinels decay_after"),
+    ("0 or more", lambda x: x >= 0, "sentinels decay_after keep_epochs"),
     ("0 or more and finite", lambda x: 0 <= x < math.inf, "weight_decay clip save_every"),
     ("0 (none) or a number of steps", lambda x: x >= 0, "warmup"),
     ("in [0, 1)", lambda x: 0 <= x < 1, "dropout label_smoothing"),
@@ -223,7 +225,9 @@ def add_optimisation_flags(parser) -> None:
     g.add_argument("--optim", choices=sorted(OPTIMIZERS), help="SGD (Luong et al., Kim & Rush), Adam, or "
                    "Adafactor (T5; Shazeer & Stern 2018: steps relative to each weight's size, at most --lr) "
                    "(default: sgd for lstm, adafactor for t5; adam for the lstm on the built-in corpus)")
-    g.add_argument("--lr", type=float, help="learning rate (default: 1.0 for sgd, 0.001 adam, 0.01 adafactor)")
+    g.add_argument("--lr", type=float, help=f"learning rate (default: {DEFAULT_LR['sgd']} for sgd, "
+                   f"{DEFAULT_LR['adam']} adam, {DEFAULT_LR['adafactor']} adafactor; "
+                   f"{TRAIN_PRESETS['builtin']['lr']} for the lstm on the built-in corpus)")
     g.add_argument("--decay-after", type=int, metavar="N", help="halve the learning rate at the end of every "
                    "epoch after epoch N (Luong et al.; with any --optim)")
     g.add_argument("--decay-on-plateau", action=argparse.BooleanOptionalAction,
@@ -250,7 +254,9 @@ def add_optimisation_flags(parser) -> None:
     g.add_argument("--clip", type=float, metavar="NORM",
                    help="rescale the gradient when its global norm exceeds NORM; 0 = off (default: 5)")
     g.add_argument("--epochs", type=int, metavar="N",
-                   help=f"passes over the training data (default: {DEFAULT_EPOCHS}, or no limit with --max-steps)")
+                   help=f"passes over the training data (default: the preset's schedule: "
+                   f"{TRAIN_PRESETS['builtin']['epochs']} on the built-in corpus, {LUONG_SCHEDULE['epochs']} "
+                   f"with the paper presets; else {DEFAULT_EPOCHS}, or no limit with --max-steps)")
     g.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps in total")
     g.add_argument("--time-limit", type=float, metavar="MINUTES", help="stop after the step that ends past "
                    "MINUTES of training (counted over --resume), then evaluate and save as at a normal end")
@@ -277,13 +283,17 @@ def add_evaluation_checkpoint_and_distillation_flags(parser) -> None:
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--name", help="run name (default: 'builtin', or the name of --train-src without extension)")
-    g.add_argument("--save-dir", metavar="DIR", help="where best.pt, last.pt and log.jsonl go (default: runs/NAME)")
+    g.add_argument("--save-dir", metavar="DIR", help="where best.pt, last.pt and log.jsonl go (default: runs/NAME); "
+                   "a folder that holds another run needs --resume, --overwrite or another --save-dir")
     g.add_argument("--resume", action="store_true", help="continue the run saved in SAVE_DIR/last.pt; its "
                    "flags are reused, flags given now override them (e.g. a larger --epochs)")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if SAVE_DIR already holds a run")
     g.add_argument("--save-every", type=float, default=10.0, metavar="MINUTES", help="also write last.pt after "
                    "the step that ends MINUTES after the last save, so a killed run loses at most that much "
                    "(0 = only at evaluations and at the end) (default: %(default)s)")
+    g.add_argument("--keep-epochs", type=int, default=0, metavar="N", help="also keep the model after each of "
+                   "the last N epochs as SAVE_DIR/epoch{E}.pt (no optimizer state; older ones are deleted), to "
+                   "average them: average.py --last N SAVE_DIR --out avg.pt (default: %(default)s, none)")
     g.add_argument("--init", metavar="CKPT", help="start from this model's weights, vocabularies, config and "
                    "pruning masks, with a fresh optimizer and --lr (fine-tuning, e.g. Seq-Inter or "
                    "retraining after pruning)")

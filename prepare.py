@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from data import UserError
+from data import UserError, plural
 from runs import write_atomically
 
 
@@ -234,7 +234,7 @@ def prepare_corpus(name, out_dir, mirror=None, progress=True):
             paths.append(path)
             counts.append(sum(lines[f"{stem}.{lang}"] for stem in stems))
         if counts[0] != counts[1]:
-            raise UserError(f"{paths[0]} has {counts[0]:,} lines but {paths[1]} has {counts[1]:,}; "
+            raise UserError(f"{paths[0]} has {plural(counts[0], 'line')} but {paths[1]} has {counts[1]:,}; "
                             f"delete {raw_dir} and rerun")
         written[split] = (paths[0], paths[1], counts[0])
         print(f"  {split}: {paths[0]}, {paths[1]}: {counts[0]:,} line pairs ({' + '.join(stems)})")

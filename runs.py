@@ -4,7 +4,8 @@ Ctrl-C), 3. several processes: `torchrun --nproc_per_node N script.py ...` start
 script (one per GPU; on a CPU, N processes) with WORLD_SIZE=N, RANK and LOCAL_RANK set;
 setup_processes joins them into one process group, and each script splits its work by rank
 (train.py: a share of every batch; translate.py: one shard of the lines each), 4. train.py's run
-folders: the checkpoints a run starts from, and SAVE_DIR/run.json, the record of how it was started.
+folders: the checkpoints a run starts from, a free folder beside a taken one, the epoch checkpoints
+(--keep-epochs), and SAVE_DIR/run.json, the record of how it was started.
 """
 import contextlib
 import datetime
@@ -14,6 +15,7 @@ import math
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -250,13 +252,14 @@ def starting_checkpoints(args, last_path) -> tuple:
     start: the weights and config to start from (resume or --init), teacher, vocab: the vocabularies to
     take (else new ones are built), vocab_source: where they come from). --resume gives everything; --init
     weights, config, masks and vocabularies; --vocab-from and --teacher vocabularies. With a checkpoint to
-    start from, args.arch becomes its architecture. A SAVE_DIR holding a run needs --resume or --overwrite."""
+    start from, args.arch becomes its architecture. A SAVE_DIR holding a run needs --resume, --overwrite or
+    another --save-dir (the error names a free one, free_folder)."""
     from data import UserError
     from flags import check_model_flags
     from model import load_checkpoint
     if not args.resume and os.path.exists(last_path) and not args.overwrite:
-        raise UserError(f"{os.path.dirname(last_path)} already holds a run: add --resume to continue it, or "
-                        "--overwrite to start again")
+        raise UserError(f"{args.save_dir} already holds a run: add --resume to continue it, --overwrite to "
+                        f"replace it, or --save-dir {free_folder(args.save_dir)} (free)")
     resume = load_checkpoint(last_path) if args.resume else None
     init = load_checkpoint(args.init) if args.init and not resume else None
     teacher = load_checkpoint(args.teacher) if args.teacher else None
@@ -279,6 +282,25 @@ def starting_checkpoints(args, last_path) -> tuple:
         args.arch = start["arch"]
     check_model_flags(args, args.arch, start["config"] if start else None, source)
     return resume, start, teacher, vocab, vocab_source
+
+
+def free_folder(folder) -> str:
+    """The first of FOLDER-2, FOLDER-3, ... that does not exist (after NAME-k: NAME-(k+1), ...), a --save-dir for
+    a new run beside FOLDER's."""
+    folder, k = os.path.normpath(folder), 2
+    if numbered := re.fullmatch(r"(.+)-(\d+)", folder):
+        folder, k = numbered[1], int(numbered[2]) + 1
+    while os.path.exists(f"{folder}-{k}"):
+        k += 1
+    return f"{folder}-{k}"
+
+
+def epoch_checkpoints(folder) -> list:
+    """The epoch checkpoints SAVE_DIR/epoch{E}.pt of train.py --keep-epochs, oldest first (by E, not by name)."""
+    found = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        found = [(int(m[1]), name) for name in os.listdir(folder) if (m := re.fullmatch(r"epoch(\d+)\.pt", name))]
+    return [os.path.join(folder, name) for _, name in sorted(found)]
 
 
 def code_version(folder) -> dict:

@@ -26,15 +26,16 @@ import beam
 import data
 import prune
 import span_corruption
-from data import UserError, get_vocabs, load_splits, span_corruption_data
+from data import UserError, get_vocabs, load_splits, plural, span_corruption_data
 from flags import CPU_THREADS, OPTIMIZERS, make_model_config, parse_args
 from kd_losses import (DivergenceCheck, check_teacher_vocabs, compute_loss, make_distillation, nll_sum,
                        warn_unknown_words)
 from model import (build_model, count_params, eval_mode, load_checkpoint, model_from_checkpoint, pick_device,
                    save_checkpoint)
-from runs import (Progress, StopOnCtrlC, append_line, end_processes, exit_script, from_process_0, leave_together, lock,
-                  restore_log, rng_states, set_rng_states, setup_processes, starting_checkpoints, sum_over_processes,
-                  write_run_record)
+from runs import (Progress, StopOnCtrlC, append_line, end_processes, epoch_checkpoints, exit_script, from_process_0,
+                  leave_together, lock, restore_log, rng_states, set_rng_states, setup_processes, starting_checkpoints,
+                  sum_over_processes, write_run_record)
+from translate import ProgressLines
 
 
 # Batches ----------------------------------------------------------------------
@@ -63,9 +64,12 @@ def perplexity(model, examples, args, device) -> float:
 
 
 def greedy_scores(model, pairs, src_vocab, tgt_vocab, args):
-    """sacrebleu BLEU and chrF (character 6-grams, β = 2), each with .signature, of one greedy translation of
-    the pairs' sources against their targets."""
-    hyps = beam.translate(model, src_vocab, tgt_vocab, [src for src, _ in pairs], beam=1)
+    """sacrebleu BLEU and chrF (character 6-grams, β = 2), each with .signature, of one greedy translation of the
+    pairs' sources against their targets; its progress: a bar after 5 s on a terminal, else a line a minute."""
+    bar = (tqdm(total=len(pairs), desc="greedy decoding", unit="sent", leave=False, delay=5) if sys.stderr.isatty()
+           else ProgressLines(len(pairs), every=60.0))
+    with contextlib.closing(bar):
+        hyps = beam.translate(model, src_vocab, tgt_vocab, [src for src, _ in pairs], beam=1, progress=bar)
     refs, metric = [tgt for _, tgt in pairs], CHRF()
     chrf = metric.corpus_score(hyps, [refs])
     chrf.signature = str(metric.get_signature())
@@ -162,9 +166,8 @@ def read_data(run: Run, vocab_ckpt, vocab_source, teacher_ckpt) -> None:
     """The vocabularies (process 0's, in every process) and the training and validation examples."""
     args = run.args
     run.splits = load_splits(args)
-    src_vocab, tgt_vocab = None, None
-    if run.rank == 0:
-        src_vocab, tgt_vocab = get_vocabs(args, run.splits["train"], vocab_ckpt, vocab_source)
+    src_vocab, tgt_vocab = (get_vocabs(args, run.splits["train"], vocab_ckpt, vocab_source) if run.rank == 0
+                            else (None, None))
     if run.world > 1:  # every process takes process 0's vocabularies (threaded sentencepiece need not repeat itself)
         vocabs = {"src": src_vocab.to_dict(), "tgt": tgt_vocab.to_dict()} if run.rank == 0 else None
         src_vocab, tgt_vocab = data.vocabs_from_checkpoint({"vocab": from_process_0(vocabs, run.world)})
@@ -229,8 +232,9 @@ def make_optimizer(run: Run, resume: dict | None) -> None:
         run.last_eval_step = run.last_record["step"] if run.last_record else None
         print(f"resuming {run.last_path}: epoch {run.progress.epoch}, batch {run.progress.batch_in_epoch}, "
               f"step {run.progress.step}, lr {run.progress.lr:g}")
-    elif run.rank == 0:
-        run.best_path.unlink(missing_ok=True)
+    elif run.rank == 0:  # a new run: no best.pt or epoch checkpoints of the run it replaces (--overwrite)
+        for path in [run.best_path, *epoch_checkpoints(run.save_dir)]:
+            Path(path).unlink(missing_ok=True)
     if run.rank == 0:  # an empty log.jsonl, or the rows last.pt counts (save_checkpoints)
         run.log_rows = restore_log(run.log_path, resume.get("log_rows") if resume else 0, run.last_record)
     if run.rank > 0:  # dropout: each process its own random stream
@@ -290,6 +294,7 @@ def train_loop(run: Run) -> str | None:
                 record = None if args.eval_every else validate(run)
                 schedule_lr(run, record, epoch_ended=True)
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+                save_epoch(run, progress.epoch - 1)  # before last.pt: a crash between them repeats the epoch
                 if record:
                     save_checkpoints(run, record)
                     stop = from_process_0(stop_reason(run, ctrl_c), run.world)   # --patience
@@ -407,6 +412,14 @@ def save_last(run: Run, new_row: bool = False) -> None:
     save(run, run.last_path, running=running, last_record=run.last_record, log_rows=run.log_rows + new_row)
 
 
+def save_epoch(run: Run, epoch: int) -> None:
+    """--keep-epochs N: the model after `epoch` as SAVE_DIR/epoch{epoch}.pt (no optimizer state), the N newest kept."""
+    if run.args.keep_epochs and run.rank == 0:
+        save(run, run.save_dir / f"epoch{epoch}.pt", with_optimizer=False)
+        for old in epoch_checkpoints(run.save_dir)[:-run.args.keep_epochs]:
+            Path(old).unlink(missing_ok=True)
+
+
 def save_checkpoints(run: Run, record) -> None:
     """After an evaluation: best.pt (no optimizer state: it is for decoding and --init) when better, last.pt,
     then the log row. A crash between any two writes leaves log and last.pt consistent: last.pt holds the row
@@ -439,15 +452,14 @@ def finish(run: Run, stop: str | None) -> dict:
         save_checkpoints(run, validate(run, stopped=stop if time_limit else None))
     elif not run.best_path.exists():
         save(run, run.best_path, with_optimizer=False)
-    print(f"done after {progress.step} steps ({stop or f'{args.epochs} epochs'}): best valid ppl "
+    print(f"done after {plural(progress.step, 'step')} ({stop or plural(args.epochs, 'epoch')}): best valid ppl "
           f"{progress.best_valid_ppl:.2f}, best valid BLEU {progress.best_valid_bleu:.2f}; "
           f"{run.best_path} is the best by {args.best_metric}")
     metrics = {"step": progress.step, "epoch": progress.epoch, "params": run.n_params,
                "best_valid_ppl": progress.best_valid_ppl, "best_valid_bleu": progress.best_valid_bleu,
                "valid_ppl": run.last_record["valid_ppl"], "valid_bleu": run.last_record["valid_bleu"],
-               "valid_chrf": run.last_record.get("valid_chrf"),
-               "elapsed": progress.elapsed, "best_path": str(run.best_path), "last_path": str(run.last_path),
-               "log_path": str(run.log_path)}
+               "valid_chrf": run.last_record.get("valid_chrf"), "elapsed": progress.elapsed,
+               "best_path": str(run.best_path), "last_path": str(run.last_path), "log_path": str(run.log_path)}
     if "test" in run.splits and run.rank == 0:
         metrics.update(score_test(run))
     leave_together(run.world)

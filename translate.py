@@ -409,8 +409,8 @@ def run(args):
     lines = read_source(args.src)
     refs = data.read_lines(args.ref) if args.ref else None
     if refs is not None and len(refs) != len(lines):
-        raise UserError(f"--ref {args.ref} has {len(refs)} lines but --src {args.src} has "
-                        f"{len(lines)}: give line-aligned files")
+        raise UserError(f"--ref {args.ref} has {data.plural(len(refs), 'line')} but --src {args.src} has "
+                        f"{len(lines):,}: give line-aligned files")
     tokenize = args.bleu_tokenize or (ckpt.get("args") or {}).get("bleu_tokenize") or "13a"
 
     if args.show_attention is not None:

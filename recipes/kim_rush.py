@@ -185,8 +185,9 @@ def claim_test(i, r):
         return gain_skd < gain_base, f"{gain_skd:+.2f} vs {gain_base:+.2f}"
     if i == 3:
         p_ratio = skd["p_beam"] / max(base["p_beam"], 1e-12)
+        shown = f"{p_ratio:.1f}x" if round(100 * base["p_beam"], 1) > 0 else "no ratio: the baseline's is below 0.05%"
         return (p_ratio >= 2 and skd["ppl"] > base["ppl"],
-                f"{100 * skd['p_beam']:.1f}% vs {100 * base['p_beam']:.1f}% ({p_ratio:.1f}x); "
+                f"{100 * skd['p_beam']:.1f}% vs {100 * base['p_beam']:.1f}% ({shown}); "
                 f"PPL {skd['ppl']:.2f} vs {base['ppl']:.2f}")
     if i == 4:
         tsi = r["teacher_seqinter"]

@@ -124,3 +124,26 @@ def test_bad_command_lines_are_refused_before_loading(tmp_path):
     with pytest.raises(SystemExit) as e:
         average.main([a, b, "--out", str(tmp_path)])
     assert str(e.value) == f"error: --out {tmp_path} is a folder: give a file name, e.g. {tmp_path}/avg.pt"
+
+
+def test_last_n_takes_the_highest_epochs_of_a_folder_and_refuses_too_few(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for seed, epoch in enumerate([2, 9, 10]):                  # by epoch number: epoch10.pt is the newest
+        save(run, f"epoch{epoch}.pt", lstm_checkpoint(seed, step=epoch))
+    out = str(tmp_path / "avg.pt")
+    assert average.main(["--last", "2", str(run), "--out", out])["averaged"] == [str(run / "epoch9.pt"),
+                                                                             str(run / "epoch10.pt")]
+    cases = [(["--last", "4", str(run)], f"--last 4: {run} holds 3 epoch checkpoints (epoch2.pt, epoch9.pt, "
+                                         "epoch10.pt); train with --keep-epochs 4, or give --last 3"),
+             (["--last", "2", str(tmp_path / "avg.pt")], f"--last 2 {out}: not a folder; give one train.py "
+                                                         "--save-dir, e.g. --last 2 runs/mine"),
+             (["--last", "1", str(run)], f"--last 1 {run}: give --last 2 or more and one folder, e.g. average.py "
+                                         "--last 5 runs/mine --out avg.pt")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            average.main(argv + ["--out", out])
+        assert str(e.value) == f"error: {message}"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"holds 0 epoch checkpoints \(none\); train with --keep-epochs 2$"):
+        average.main(["--last", "2", str(tmp_path / "empty"), "--out", out])

@@ -176,3 +176,18 @@ def test_make_model_config_preset_then_flags_and_t5_embedding_sharing(capsys):
     separate = make_model_config(SimpleNamespace(**vars(resolved("--arch", "t5", "--preset", "t5-tiny"))), src, tgt)
     assert separate["share_embeddings"] is False
     assert "share_embeddings=False" in capsys.readouterr().out
+
+
+def test_help_examples_and_defaults_say_what_happens():
+    text = build_parser().format_help()
+    assert "--kd relation \\\n" in text                    # a continued example line, not two lines run together
+    epochs = " ".join(text.split("\n  --epochs N", 1)[1].split("\n  --", 1)[0].split())
+    assert f"{resolved().epochs} on the built-in corpus" in epochs and f"else {resolved(*FILES).epochs}," in epochs
+    lr = " ".join(text.split("\n  --lr LR", 1)[1].split("\n  --", 1)[0].split())
+    assert f"{resolved().lr} for the lstm on the built-in corpus" in lr
+
+
+def test_keep_epochs_must_be_0_or_more():
+    assert resolved().keep_epochs == 0
+    with pytest.raises(UserError, match="^--keep-epochs must be 0 or more, got -1$"):
+        resolved("--keep-epochs", -1)

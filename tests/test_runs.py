@@ -191,3 +191,21 @@ def test_the_run_record_keeps_the_start_and_appends_each_resumption(tmp_path, mo
 
 def test_code_version_of_a_folder_outside_git_is_none(tmp_path):
     assert code_version(tmp_path) == {"commit": None, "dirty": None}
+
+
+def test_free_folder_is_the_first_numbered_folder_that_does_not_exist(tmp_path):
+    from runs import free_folder
+    base = tmp_path / "builtin"
+    assert free_folder(base) == f"{base}-2" == free_folder(f"{base}/")
+    (tmp_path / "builtin-2").mkdir()
+    assert free_folder(base) == f"{base}-3"
+    (tmp_path / "builtin-3").write_text("a file is taken too")
+    assert free_folder(base) == free_folder(tmp_path / "builtin-2") == f"{base}-4"   # NAME-k: the next after k
+
+
+def test_epoch_checkpoints_are_ordered_by_epoch_number(tmp_path):
+    from runs import epoch_checkpoints
+    for name in ["epoch10.pt", "epoch9.pt", "epoch2.pt", "epoch3.pt.tmp", "epochs.pt", "best.pt"]:
+        (tmp_path / name).write_text("x")
+    assert epoch_checkpoints(tmp_path) == [str(tmp_path / f"epoch{e}.pt") for e in (2, 9, 10)]
+    assert epoch_checkpoints(tmp_path / "gone") == []

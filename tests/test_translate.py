@@ -188,7 +188,7 @@ def test_cli_bad_numbers_fail_before_anything_is_read(tmp_path, flags, message):
 def test_cli_reference_with_other_line_count_is_refused(ckpt_files, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("ein hund\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match="has 1 lines but --src"):
+    with pytest.raises(SystemExit, match="has 1 line but --src"):
         translate.main(["--ckpt", ckpt_files["ckpt"], "--src", ckpt_files["src"], "--ref", str(short)])
 
 

@@ -1,0 +1,86 @@
+"""Tests of train.py's run folders and evaluation output: the free folder an occupied --save-dir's error names,
+--keep-epochs with average.py --last, counts in messages, the progress of the evaluation decoding. Tiny models
+on the corpus of test_train.py (5 batches an epoch)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import average  # noqa: E402
+import data  # noqa: E402
+import train  # noqa: E402
+import translate  # noqa: E402
+from model import load_checkpoint, model_from_checkpoint  # noqa: E402
+from test_train import assert_same_weights, corpus, flags  # noqa: E402,F401  (corpus: a fixture)
+
+
+def test_an_occupied_save_dir_names_the_first_free_folder(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "builtin").mkdir(parents=True)
+    (tmp_path / "runs" / "builtin" / "last.pt").write_text("a run")     # refused before it is read
+    for free in ["runs/builtin-2", "runs/builtin-3"]:
+        with pytest.raises(SystemExit) as e:
+            train.main(["--threads", "1"])                               # the default folder, runs/builtin
+        assert str(e.value) == ("error: runs/builtin already holds a run: add --resume to continue it, --overwrite "
+                                f"to replace it, or --save-dir {free} (free)")
+        assert not os.path.exists(free)
+        os.makedirs(free)                                                 # taken now: the next one is named
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "last.pt").write_text("a run")
+    with pytest.raises(SystemExit, match=f"--save-dir {tmp_path / 'mine-2'} \\(free\\)$"):
+        train.main(flags(corpus, tmp_path / "mine"))                      # a --save-dir given
+
+
+@pytest.fixture(scope="module")
+def three_epochs(corpus, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("three_epochs")
+    train.main(flags(corpus, save_dir, "--epochs", 3, "--keep-epochs", 2))
+    return save_dir
+
+
+def test_keep_epochs_keeps_the_last_n_and_average_last_n_is_their_mean(three_epochs, tmp_path):
+    assert sorted(p.name for p in three_epochs.glob("epoch*.pt")) == ["epoch2.pt", "epoch3.pt"]
+    e2, e3 = (load_checkpoint(three_epochs / name) for name in ["epoch2.pt", "epoch3.pt"])
+    assert e2["optimizer"] is None and (e2["epoch"], e3["epoch"]) == (3, 4)        # the model after epoch 2, 3
+    assert_same_weights(three_epochs / "epoch3.pt", three_epochs / "last.pt")      # the run ended with epoch 3
+    assert not all(torch.equal(e2["model"][k], e3["model"][k]) for k in e2["model"])
+    out = tmp_path / "avg.pt"
+    average.main(["--last", "2", str(three_epochs), "--out", str(out)])
+    avg = load_checkpoint(out)
+    assert avg["averaged"] == [str(three_epochs / "epoch2.pt"), str(three_epochs / "epoch3.pt")]
+    for name, weight in avg["model"].items():
+        assert torch.equal(weight, ((e2["model"][name].double() + e3["model"][name].double()) / 2).float()), name
+    with pytest.raises(SystemExit, match=f"^error: --last 3: {three_epochs} holds 2 epoch checkpoints "
+                       r"\(epoch2.pt, epoch3.pt\); train with --keep-epochs 3, or give --last 2$"):
+        average.main(["--last", "3", str(three_epochs), "--out", str(out)])
+
+
+def test_keep_epochs_survives_resume_and_overwrite_removes_the_old_runs(corpus, three_epochs, tmp_path):
+    train.main(flags(corpus, tmp_path, "--epochs", 3, "--keep-epochs", 2, "--max-steps", 7))  # mid-epoch 2
+    assert sorted(p.name for p in tmp_path.glob("epoch*.pt")) == ["epoch1.pt"]
+    train.main(["--save-dir", str(tmp_path), "--resume", "--max-steps", "15"])
+    assert sorted(p.name for p in tmp_path.glob("epoch*.pt")) == ["epoch2.pt", "epoch3.pt"]
+    for name in ["epoch2.pt", "epoch3.pt"]:
+        assert_same_weights(three_epochs / name, tmp_path / name)
+    train.main(flags(corpus, tmp_path, "--overwrite", "--max-steps", 1))     # a new run: no old epoch files
+    assert not list(tmp_path.glob("epoch*.pt"))
+
+
+def test_a_count_of_one_is_singular(corpus, tmp_path, capsys):
+    train.main(flags(corpus, tmp_path, "--epochs", 1, "--batch-size", 80))    # one batch: one step
+    assert "done after 1 step (1 epoch): best valid ppl" in capsys.readouterr().out
+
+
+def test_the_evaluation_decoding_reports_its_progress_to_a_log(corpus, three_epochs, monkeypatch, capsys):
+    ckpt = load_checkpoint(three_epochs / "best.pt")
+    model, (src_vocab, tgt_vocab) = model_from_checkpoint(ckpt), data.vocabs_from_checkpoint(ckpt)
+    pairs = [("the red bird sees the bus", "x")] * 3
+    args = train.parse_args(flags(corpus, three_epochs / "x"))
+    train.greedy_scores(model, pairs, src_vocab, tgt_vocab, args)
+    assert capsys.readouterr().err == ""                                  # a short decoding: silent
+    monkeypatch.setattr(train, "ProgressLines", lambda total, every: translate.ProgressLines(total, every=0.0))
+    train.greedy_scores(model, pairs, src_vocab, tgt_vocab, args)
+    assert "translating: 3/3 sentences (100%)" in capsys.readouterr().err
