@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import data  # noqa: E402
 import synthetic  # noqa: E402
 from data import BOS, EOS, PAD, SPECIALS, UNK, UserError  # noqa: E402
-from flags import build_parser, resolve_defaults  # noqa: E402
+from test_flags import FILES, resolved  # noqa: E402  (the data flags a training names)
 
 def write(tmp_path, name, content):
     path = tmp_path / name
@@ -266,16 +266,6 @@ def test_batches_cover_the_corpus():
 
 
 # ---- what train.py's data flags name: the splits, the vocabularies ---------------------------
-
-FILES = ["--train-src", "c/train.en", "--train-tgt", "c/train.de", "--valid-src", "c/valid.en",
-         "--valid-tgt", "c/valid.de"]    # resolve_defaults only looks at the names
-
-
-def resolved(*argv):
-    args = build_parser().parse_args([str(a) for a in argv])
-    resolve_defaults(args)
-    return args
-
 
 def test_a_new_vocabulary_holds_no_word_of_a_dropped_pair():
     pairs = [("a b c", "x y"), ("b c", "y z")]
