@@ -246,7 +246,7 @@ def decode_ids(model, src_seqs, beam=1, nbest=1, batch_size=64, max_len_a=2.0, m
     """Decode source token lists in batches of similar length. Returns, in input order, per sentence
     a list of (tokens, score), best first (one entry for greedy, beam == 1). An empty source gives
     [([], 0.0)] without running the model. `progress`: None, or anything with update(n) (a tqdm bar,
-    translate.ProgressLines), told the sentences done after each batch."""
+    runs.ProgressLines), told the sentences done after each batch."""
     if beam == 1 and nbest != 1:
         raise ValueError("an n-best list needs beam > 1")
     device = model_device(model)

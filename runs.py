@@ -21,9 +21,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 
 # 1. Files ------------------------------------------------------------------------------------
@@ -351,3 +353,43 @@ def write_run_record(path, settings: dict, device, processes: int, resumed_at: i
         record = {**now, "settings": settings, "resumptions": []}
     write_json(record, path)
     return record
+
+
+# 5. Progress of long decodings --------------------------------------------------------------
+
+class ProgressLines:
+    """Progress for a log file, where a tqdm bar would stay silent (stderr not a terminal): update(n)
+    as a tqdm bar's (beam.decode_ids calls it after each batch) prints, at most once every `every`
+    seconds, `translating: DONE/TOTAL sentences (P%), R sentences/s, about M min left` to stderr,
+    R counted over the sentences of this run (not those a resumed run skipped); `desc` names the job."""
+
+    def __init__(self, total, initial=0, every=30.0, clock=time.monotonic, desc="translating"):
+        self.total, self.done, self.skipped, self.every, self.clock = total, initial, initial, every, clock
+        self.desc = desc
+        self.t0 = self.last = clock()
+
+    def update(self, n):
+        self.done += n
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = (self.done - self.skipped) / max(now - self.t0, 1e-9)
+        left = f", about {(self.total - self.done) / rate / 60:.1f} min left" if rate > 0 else ""
+        print(f"{self.desc}: {self.done}/{self.total} sentences ({100 * self.done / max(self.total, 1):.0f}%), "
+              f"{rate:.1f} sentences/s{left}", file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def progress_meter(total, initial, every, desc="translating", delay=0):
+    """What shows the progress of a long decoding (translate_file's, train.py's evaluations): a tqdm
+    bar on a terminal (shown after `delay` seconds), else ProgressLines every `every` seconds; None
+    (nothing) when every is None."""
+    if every is None:
+        return None
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, unit="sent", desc=desc, smoothing=0.1, delay=delay,
+                    leave=delay == 0)
+    return ProgressLines(total, initial, every, desc=desc)

@@ -33,9 +33,8 @@ from kd_losses import (DivergenceCheck, check_teacher_vocabs, compute_loss, make
 from model import (build_model, count_params, eval_mode, load_checkpoint, model_from_checkpoint, pick_device,
                    save_checkpoint)
 from runs import (Progress, StopOnCtrlC, append_line, end_processes, epoch_checkpoints, exit_script, from_process_0,
-                  leave_together, lock, restore_log, rng_states, set_rng_states, setup_processes, starting_checkpoints,
-                  sum_over_processes, write_run_record)
-from translate import ProgressLines
+                  leave_together, lock, progress_meter, restore_log, rng_states, set_rng_states, setup_processes,
+                  starting_checkpoints, sum_over_processes, write_run_record)
 
 
 # Batches ----------------------------------------------------------------------
@@ -66,8 +65,7 @@ def perplexity(model, examples, args, device) -> float:
 def greedy_scores(model, pairs, src_vocab, tgt_vocab, args):
     """sacrebleu BLEU and chrF (character 6-grams, β = 2), each with .signature, of one greedy translation of the
     pairs' sources against their targets; its progress: a bar after 5 s on a terminal, else a line a minute."""
-    bar = (tqdm(total=len(pairs), desc="greedy decoding", unit="sent", leave=False, delay=5) if sys.stderr.isatty()
-           else ProgressLines(len(pairs), every=60.0))
+    bar = progress_meter(len(pairs), 0, every=60.0, desc="greedy decoding", delay=5)
     with contextlib.closing(bar):
         hyps = beam.translate(model, src_vocab, tgt_vocab, [src for src, _ in pairs], beam=1, progress=bar)
     refs, metric = [tgt for _, tgt in pairs], CHRF()

@@ -20,7 +20,6 @@ import time
 
 import torch
 from sacrebleu.metrics import BLEU
-from tqdm import tqdm
 
 import data
 import runs
@@ -81,41 +80,6 @@ def _resume_point(partial, record, settings):
     return saved["done"]
 
 
-class ProgressLines:
-    """Progress for a log file, where a tqdm bar would stay silent (stderr not a terminal): update(n)
-    as a tqdm bar's (beam.decode_ids calls it after each batch) prints, at most once every `every`
-    seconds, `translating: DONE/TOTAL sentences (P%), R sentences/s, about M min left` to stderr,
-    R counted over the sentences of this run (not those a resumed run skipped)."""
-
-    def __init__(self, total, initial=0, every=30.0, clock=time.monotonic):
-        self.total, self.done, self.skipped, self.every, self.clock = total, initial, initial, every, clock
-        self.t0 = self.last = clock()
-
-    def update(self, n):
-        self.done += n
-        now = self.clock()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        rate = (self.done - self.skipped) / max(now - self.t0, 1e-9)
-        left = f", about {(self.total - self.done) / rate / 60:.1f} min left" if rate > 0 else ""
-        print(f"translating: {self.done}/{self.total} sentences ({100 * self.done / max(self.total, 1):.0f}%), "
-              f"{rate:.1f} sentences/s{left}", file=sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
-def progress_meter(total, initial, every):
-    """What shows translate_file's progress: a tqdm bar on a terminal, else ProgressLines every
-    `every` seconds; None (nothing) when every is None."""
-    if every is None:
-        return None
-    if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, unit="sent", desc="translating", smoothing=0.1)
-    return ProgressLines(total, initial, every)
-
-
 def translate_file(model, src_vocab, tgt_vocab, lines, out_path=None, *, beam=5, nbest=1,
                    refs=None, select=False, tokenize="13a", shard=(1, 1), chunk_size=1000,
                    batch_size=64, max_len_a=2.0, max_len_b=10, length_norm=False,
@@ -152,7 +116,7 @@ def translate_file(model, src_vocab, tgt_vocab, lines, out_path=None, *, beam=5,
         if done:
             print(f"resuming {out_path}: {done} of {end - start} sentences already done",
                   file=sys.stderr)
-    bar = progress_meter(end - start, done, progress_every if progress else None)
+    bar = runs.progress_meter(end - start, done, progress_every if progress else None)
     stats = {"sentences": 0, "src_words": 0, "seconds": 0.0, "lines": []}
     t0 = time.perf_counter()
     try:

@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import average  # noqa: E402
 import data  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
-import translate  # noqa: E402
 from model import load_checkpoint, model_from_checkpoint  # noqa: E402
 from test_train import assert_same_weights, corpus, flags  # noqa: E402,F401  (corpus: a fixture)
 
@@ -81,6 +81,7 @@ def test_the_evaluation_decoding_reports_its_progress_to_a_log(corpus, three_epo
     args = train.parse_args(flags(corpus, three_epochs / "x"))
     train.greedy_scores(model, pairs, src_vocab, tgt_vocab, args)
     assert capsys.readouterr().err == ""                                  # a short decoding: silent
-    monkeypatch.setattr(train, "ProgressLines", lambda total, every: translate.ProgressLines(total, every=0.0))
+    monkeypatch.setattr(train, "progress_meter", lambda total, initial, every, desc, delay:
+                        runs.ProgressLines(total, initial, every=0.0, desc=desc))
     train.greedy_scores(model, pairs, src_vocab, tgt_vocab, args)
-    assert "translating: 3/3 sentences (100%)" in capsys.readouterr().err
+    assert "greedy decoding: 3/3 sentences (100%)" in capsys.readouterr().err

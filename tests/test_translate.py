@@ -318,7 +318,7 @@ def test_interactive_nbest_lines_are_numbered_like_a_file():
 
 def test_progress_lines_count_sentences_and_rate(capsys):
     now = [100.0]
-    meter = translate.ProgressLines(total=10, initial=2, every=30, clock=lambda: now[0])  # 2 done before
+    meter = runs.ProgressLines(total=10, initial=2, every=30, clock=lambda: now[0])  # 2 done before
     for t, n in [(110.0, 3), (130.0, 3), (150.0, 2)]:
         now[0] = t
         meter.update(n)
