@@ -456,7 +456,6 @@ def span_corruption_sentinels(src_vocab, tgt_vocab, vocab_source) -> list[int]:
     return sentinels
 
 
-
 def span_corruption_data(args, src_vocab, tgt_vocab, train_pairs, valid_pairs, vocab_source):
     """--span-corruption: (the sentinel ids, the training sentences [ids, ...] (train.py makes their examples
     afresh every epoch), the validation examples [(src_ids, tgt_ids)], made once, and their texts [(src, tgt)],

@@ -5,7 +5,8 @@ script (one per GPU; on a CPU, N processes) with WORLD_SIZE=N, RANK and LOCAL_RA
 setup_processes joins them into one process group, and each script splits its work by rank
 (train.py: a share of every batch; translate.py: one shard of the lines each), 4. train.py's run
 folders: the checkpoints a run starts from, a free folder beside a taken one, the epoch checkpoints
-(--keep-epochs), and SAVE_DIR/run.json, the record of how it was started.
+(--keep-epochs), and SAVE_DIR/run.json, the record of how it was started, 5. the progress lines of
+long decodings (translate.py, train.py's evaluations).
 """
 import contextlib
 import datetime

@@ -47,6 +47,8 @@ def train_step(title, save_dir, flags):
     save_dir.mkdir(parents=True, exist_ok=True)
     running.write_text(str(os.getpid()))      # another process of the recipe waits for this step
     argv = flags + ["--save-dir", str(save_dir)] + (["--resume"] if (save_dir / "last.pt").exists() else [])
+    if "--threads" not in flags:     # the recipe's threads (its --threads, else torch's), not train.py's default
+        argv += ["--threads", str(torch.get_num_threads())]
     print("python train.py " + " ".join(argv), flush=True)
     t0 = time.time()
     metrics = train.main(argv)
@@ -181,8 +183,8 @@ def parse_args(argv, description, recipe, extra_flags=None):
     p.add_argument("--run-dir", help=f"where everything goes (default: runs/{recipe}_<corpus>)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=1, help="seed of every training (kim_rush.py: of the teacher and the distilled data; its "
-                   "students take the setting's seeds) (default: 1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of every training (kim_rush.py: of the teacher and "
+                   "the distilled data; its students take the setting's seeds) (default: 1)")
     for flag, kwargs in extra_flags or []:
         p.add_argument(flag, **kwargs)
     args = p.parse_args(argv)

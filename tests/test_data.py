@@ -13,6 +13,7 @@ import synthetic  # noqa: E402
 from data import BOS, EOS, PAD, SPECIALS, UNK, UserError  # noqa: E402
 from test_flags import FILES, resolved  # noqa: E402  (the data flags a training names)
 
+
 def write(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))

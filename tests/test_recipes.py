@@ -132,7 +132,7 @@ def test_a_step_another_live_process_runs_is_waited_for_not_run_twice(tmp_path, 
     (step / "running").write_text(dead.stdout.strip())               # a process that has ended
     (step / "last.pt").write_text("")
     steps.train_step("step", step, ["--x"])
-    assert calls == [["--x", "--save-dir", str(step), "--resume"]]
+    assert calls == [["--x", "--save-dir", str(step), "--resume", "--threads", str(torch.get_num_threads())]]
     assert (step / "done.json").exists() and not (step / "running").exists()
 
 
