@@ -231,8 +231,8 @@ def add_optimisation_flags(parser) -> None:
     g.add_argument("--decay-after", type=int, metavar="N", help="halve the learning rate at the end of every "
                    "epoch after epoch N (Luong et al.; with any --optim)")
     g.add_argument("--decay-on-plateau", action=argparse.BooleanOptionalAction,
-                   help="halve the learning rate when the validation perplexity rises from one evaluation to the "
-                        "next (default: off; on with the paper presets)")
+                   help="halve the learning rate when the validation --best-metric gets worse from one evaluation "
+                        "to the next (perplexity rises, BLEU falls) (default: off; on with the paper presets)")
     g.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="raise the learning rate linearly "
                    "from lr/STEPS to lr over STEPS steps (Vaswani et al. 2017) (default: %(default)s, none)")
     g.add_argument("--lr-decay", type=float, default=0.5, metavar="F",

@@ -141,7 +141,8 @@ class Progress:
     lr: float = 1.0
     best_valid_ppl: float = math.inf
     best_valid_bleu: float = -1.0
-    prev_valid_ppl: float = math.inf   # for --decay-on-plateau
+    prev_valid_ppl: float = math.inf   # for --decay-on-plateau (--best-metric ppl)
+    prev_valid_bleu: float = -1.0      # for --decay-on-plateau (--best-metric bleu)
     evals_since_best: int = 0      # for --patience
     elapsed: float = 0.0           # seconds of this run, over all its resumptions
 

@@ -7,6 +7,9 @@
 A flat list of steps (recipes/steps.py: each calls train.main or translate.main with the flags a
 user would type, and is skipped when its output exists, so the same command continues after an
 interrupt). The settings are in RUN_DIR/settings.json; other settings need another --run-dir.
+Two cores: run the same command twice, each with --threads 1. Each process takes the next step
+whose inputs exist and that the other is not running (steps.run_jobs), so the baselines train
+while the teacher translates; the process that finds every step done writes the table.
 
   step 1   train the teacher                                     -> teacher/best.pt
   step 2   Seq-KD data: the teacher's beam-5 translation of the training source (section 3.2)
@@ -40,6 +43,7 @@ The hyper-parameters are fixed below, before any run, and are not tuned toward t
 """
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # steps.py, next to this file
@@ -280,23 +284,28 @@ def run(args):
             "seqinter": str(run_dir / "distill" / f"train.seqinter.{tgt}")}
     needs_seqinter = "teacher_seqinter" in folders or any(STUDENTS[f][0] == "seqinter" for f in folders[1:])
 
-    teacher = train_step("step 1: train the teacher (NLL on the references)", run_dir / "teacher",
-                         train_on(train_ref, S["teacher_epochs"], S["teacher_lr"]) + S["tokenizer"] + S["teacher"])
+    teacher_dir = run_dir / "teacher"
+    teacher, teacher_done = str(teacher_dir / "best.pt"), teacher_dir / "done.json"
     word_kd = ["--teacher", teacher, "--kd-alpha", str(S["kd_alpha"])]     # Word-KD: T = 1, as the paper
-
-    translate_step(f"step 2: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the training "
-                   "source", data["seqkd"], ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
-                                             "--device", args.device])
     K = S["seqinter_beam"]
+    # Each job: (the files it needs, the step); run_jobs runs them in order as their inputs appear.
+    jobs = [([], partial(train_step, "step 1: train the teacher (NLL on the references)", teacher_dir,
+                         train_on(train_ref, S["teacher_epochs"], S["teacher_lr"]) + S["tokenizer"] + S["teacher"])),
+            ([teacher_done], partial(
+                translate_step, f"step 2: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the "
+                "training source", data["seqkd"], ["--ckpt", teacher, "--src", train_src, "--beam",
+                                                   str(S["seqkd_beam"]), "--device", args.device]))]
     if needs_seqinter:
-        translate_step(f"step 3: Seq-Inter data: the teacher's {K}-best list, the entry with the highest "
-                       "sentence BLEU against the reference", data["seqinter"],
-                       ["--ckpt", teacher, "--src", train_src, "--ref", train_ref, "--beam", str(K),
-                        "--nbest", str(K), "--select", "sentence-bleu", "--device", args.device])
+        jobs.append(([teacher_done], partial(
+            translate_step, f"step 3: Seq-Inter data: the teacher's {K}-best list, the entry with the highest "
+            "sentence BLEU against the reference", data["seqinter"],
+            ["--ckpt", teacher, "--src", train_src, "--ref", train_ref, "--beam", str(K),
+             "--nbest", str(K), "--select", "sentence-bleu", "--device", args.device])))
     if "teacher_seqinter" in folders:
-        train_step("step 4: teacher + Seq-Inter (fine-tune the teacher on the Seq-Inter data)",
-                   run_dir / "teacher_seqinter",
-                   train_on(data["seqinter"], S["finetune_epochs"], S["finetune_lr"]) + ["--init", teacher])
+        jobs.append(([data["seqinter"]], partial(
+            train_step, "step 4: teacher + Seq-Inter (fine-tune the teacher on the Seq-Inter data)",
+            run_dir / "teacher_seqinter",
+            train_on(data["seqinter"], S["finetune_epochs"], S["finetune_lr"]) + ["--init", teacher])))
 
     # step 5: every student row, once per seed (all rows of seed 1 first: a first result early)
     for seed in S["seeds"]:
@@ -304,14 +313,21 @@ def run(args):
             if folder.startswith("teacher"):
                 continue
             learns_from, init, kd = STUDENTS[folder]
+            needs = [teacher_done] if learns_from == "ref" else [data[learns_from]]
             if init:       # a fine-tuning of the same seed's student, at the smaller rate
                 flags = train_on(data[learns_from], S["finetune_epochs"], S["finetune_lr"])
                 flags += ["--init", str(run_dir / f"{init}_s{seed}" / "best.pt")]
+                needs.append(run_dir / f"{init}_s{seed}" / "done.json")
             else:          # the student's size, the teacher's vocabularies
                 flags = train_on(data[learns_from], S["student_epochs"], S["lr"]) + S["student"]
                 flags += ["--vocab-from", teacher]
-            train_step(f"step 5: {name}, seed {seed}", run_dir / f"{folder}_s{seed}",
-                       flags + ["--seed", str(seed)] + (word_kd if kd else []))
+            jobs.append((needs + [teacher_done], partial(train_step, f"step 5: {name}, seed {seed}",
+                                                         run_dir / f"{folder}_s{seed}",
+                                                         flags + ["--seed", str(seed)] + (word_kd if kd else []))))
+    steps.run_jobs(jobs)
+    if not steps.claim(run_dir / "table.running", "steps 6 and 7", wait=False):
+        print("another process of this command is writing the table: it ends this one")
+        return None
 
     # steps 6 and 7: the Table 1 columns of every model on the test set, the table, the claims
     spec = [(name, folder) if folder.startswith("teacher") else (name, f"{folder}_s{seed}", seed)

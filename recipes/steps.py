@@ -32,20 +32,20 @@ def announce(text):
     print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
 
 
-def train_step(title, save_dir, flags):
+def train_step(title, save_dir, flags, wait=True):
     """train.main(flags + --save-dir) unless save_dir/done.json says it finished; a run that was
-    stopped half-way (last.pt, no done.json) continues with --resume. Returns save_dir/best.pt."""
+    stopped half-way (last.pt, no done.json) continues with --resume. Returns save_dir/best.pt.
+    Another process of the recipe running the same step is waited for (wait=False: returns None)."""
     save_dir = Path(save_dir)
-    done, running = save_dir / "done.json", save_dir / "running"
-    while not done.exists() and (pid := other_process(running)):
-        print(f"{title}: process {pid} is running it; waiting", flush=True)
-        time.sleep(60)
+    done = save_dir / "done.json"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if not done.exists() and not claim(save_dir / "running", title, wait, done) and not done.exists():
+        return None
     if done.exists():
+        (save_dir / "running").unlink(missing_ok=True)
         print(f"{title}: done already ({done})")
         return str(save_dir / "best.pt")
     announce(title)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    running.write_text(str(os.getpid()))      # another process of the recipe waits for this step
     argv = flags + ["--save-dir", str(save_dir)] + (["--resume"] if (save_dir / "last.pt").exists() else [])
     if "--threads" not in flags:     # the recipe's threads (its --threads, else torch's), not train.py's default
         argv += ["--threads", str(torch.get_num_threads())]
@@ -55,9 +55,31 @@ def train_step(title, save_dir, flags):
     if metrics.get("interrupted"):
         sys.exit("interrupted: run the same command again to continue")
     runs.write_json(metrics, done)
-    running.unlink()
+    (save_dir / "running").unlink(missing_ok=True)
     print(f"({title.split(':')[0]} took {time.time() - t0:.0f} s)")
     return str(save_dir / "best.pt")
+
+
+def claim(lock, title, wait=True, done=None):
+    """Make the file `lock` hold this process's id, so that another process of the same recipe command
+    leaves the step to it. While another live process holds it: wait (checking every minute) until it
+    ends or the file `done` appears (then False), or with wait=False return False at once. Creating
+    the file is atomic: two processes never both hold it."""
+    while done is None or not Path(done).exists():
+        pid = other_process(lock)
+        if pid is None:
+            lock.unlink(missing_ok=True)            # left by a process that ended (or by this one)
+            try:
+                with open(lock, "x") as f:          # "x": fails if the file exists
+                    f.write(str(os.getpid()))
+                return True
+            except FileExistsError:                 # another process took it just now
+                continue
+        if not wait:
+            return False
+        print(f"{title}: process {pid} is running it; waiting", flush=True)
+        time.sleep(60)
+    return False
 
 
 def other_process(running):
@@ -72,11 +94,16 @@ def other_process(running):
     return pid if pid != os.getpid() else None
 
 
-def translate_step(title, out, flags):
+def translate_step(title, out, flags, wait=True):
     """translate.main(flags + --out) unless `out` exists (translate.py only renames OUT.partial
-    to OUT when the whole file is translated, and resumes from OUT.partial itself)."""
+    to OUT when the whole file is translated, and resumes from OUT.partial itself). Another process
+    translating it is waited for (wait=False: returns None)."""
     out = str(out)
+    lock = Path(out + ".running")
+    if not os.path.exists(out) and not claim(lock, title, wait, out) and not os.path.exists(out):
+        return None
     if os.path.exists(out):
+        lock.unlink(missing_ok=True)
         print(f"{title}: done already ({out})")
         return out
     announce(title)
@@ -84,8 +111,27 @@ def translate_step(title, out, flags):
     print("python translate.py " + " ".join(argv), flush=True)
     t0 = time.time()
     translate.main(argv)
+    lock.unlink(missing_ok=True)
     print(f"({title.split(':')[0]} took {time.time() - t0:.0f} s)")
     return out
+
+
+def run_jobs(jobs):
+    """jobs: [(needs, run)]: `needs` the files that must exist before the job can start, run(wait) a step
+    (train_step or translate_step with wait) that returns None when another process is running it. Runs
+    each job once its inputs exist, in order, passing over those another process of the same recipe command
+    runs: two processes (each --threads 1) share the jobs. Returns when every job is done, by either."""
+    pending = list(jobs)
+    while pending:
+        ready = [job for job in pending if all(Path(p).exists() for p in job[0])]
+        for job in ready:
+            if job[1](wait=False) is not None:      # done now (or done before, by another process)
+                pending.remove(job)
+                break
+        else:     # every job left waits for another process: its own step or what it needs
+            print(f"{len(pending)} steps left, each running in another process or waiting for one; "
+                  "checking again in a minute", flush=True)
+            time.sleep(60)
 
 
 def report_step(title, ckpt, test_src, test_ref, out_json, k, flags=()):

@@ -253,3 +253,36 @@ def test_markdown_table_compares_each_seed_with_its_own_baseline():
     assert lines[2].startswith("| Seq-KD, seed 1 | 18.90 | +4.20 |")
     assert lines[4].startswith("| Seq-KD, seed 2 | 18.90 | +8.90 |")
     assert lines[0].startswith("| Teacher baseline | 17.70 | +0.00 |")
+
+
+def test_claim_is_refused_while_another_live_process_holds_the_step(tmp_path):
+    lock = tmp_path / "running"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(other.pid))
+        assert not steps.claim(lock, "a step", wait=False)
+        assert lock.read_text() == str(other.pid)                # left to it
+    finally:
+        other.kill()
+        other.wait()
+    assert steps.claim(lock, "a step", wait=False)               # its process ended: the step is free
+    assert lock.read_text() == str(os.getpid())
+
+
+def test_run_jobs_runs_each_job_once_its_inputs_exist_and_passes_over_busy_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(steps.time, "sleep", lambda s: None)
+    made, order, busy = tmp_path / "made", [], {"b": 2}        # job b is another process's for 2 looks
+
+    def job(name, makes=None):
+        def run(wait):
+            if busy.get(name):
+                busy[name] -= 1
+                return None
+            order.append(name)
+            if makes:
+                makes.write_text("x")
+            return name
+        return run
+
+    steps.run_jobs([([made], job("needs a")), ([], job("b")), ([], job("a", makes=made))])
+    assert order == ["a", "needs a", "b"]

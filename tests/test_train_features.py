@@ -3,6 +3,7 @@
 on the corpus of test_train.py (5 batches an epoch)."""
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,3 +86,21 @@ def test_the_evaluation_decoding_reports_its_progress_to_a_log(corpus, three_epo
                         runs.ProgressLines(total, initial, every=0.0, desc=desc))
     train.greedy_scores(model, pairs, src_vocab, tgt_vocab, args)
     assert "greedy decoding: 3/3 sentences (100%)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("metric, evaluations, halved_after", [
+    ("ppl", [(20.0, 10.0), (18.0, 9.0), (19.0, 12.0), (17.0, 11.0)], [3]),      # the perplexity rose at the 3rd
+    ("bleu", [(20.0, 10.0), (18.0, 9.0), (19.0, 12.0), (17.0, 11.0)], [2, 4]),  # BLEU fell at the 2nd and 4th
+])
+def test_decay_on_plateau_watches_the_best_metric(metric, evaluations, halved_after):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    args = SimpleNamespace(decay_after=None, decay_on_plateau=True, best_metric=metric, lr_decay=0.5)
+    run = SimpleNamespace(args=args, progress=runs.Progress(lr=1.0), optimizer=optimizer)
+    halved = []
+    for i, (ppl, bleu) in enumerate(evaluations, 1):
+        lr = run.progress.lr
+        train.schedule_lr(run, {"valid_ppl": ppl, "valid_bleu": bleu}, epoch_ended=True)
+        if run.progress.lr < lr:
+            halved.append(i)
+    assert halved == halved_after
+    assert optimizer.param_groups[0]["lr"] == 0.5 ** len(halved_after)
