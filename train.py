@@ -387,24 +387,18 @@ def evaluate(run: Run, stopped) -> dict:
 
 
 def schedule_lr(run: Run, record, epoch_ended: bool) -> None:
-    """Luong et al. (2015): halve the learning rate after each epoch past --decay-after, or when the validation
-    --best-metric got worse since the previous scheduled evaluation (perplexity rose, or BLEU fell: a Seq-KD
-    student's perplexity of the references can rise while its BLEU still climbs)."""
+    """Luong et al. (2015): halve the rate after each epoch past --decay-after, or when the validation --best-metric
+    got worse since the last evaluation (a Seq-KD student's reference perplexity can rise while its BLEU climbs)."""
     args, progress = run.args, run.progress
+    plateau = record and args.decay_on_plateau
     if epoch_ended and args.decay_after is not None and progress.epoch > args.decay_after:
         set_lr(run, progress.lr * args.lr_decay, f"epoch {progress.epoch} > --decay-after {args.decay_after}")
-    elif record and args.decay_on_plateau and worse_than_before(progress, record, args.best_metric):
-        why = (f"validation perplexity rose from {progress.prev_valid_ppl:.2f}" if args.best_metric == "ppl" else
-               f"validation BLEU fell from {progress.prev_valid_bleu:.2f}")
-        set_lr(run, progress.lr * args.lr_decay, why)
+    elif plateau and args.best_metric == "ppl" and record["valid_ppl"] > progress.prev_valid_ppl:
+        set_lr(run, progress.lr * args.lr_decay, f"validation perplexity rose from {progress.prev_valid_ppl:.2f}")
+    elif plateau and args.best_metric == "bleu" and record["valid_bleu"] < progress.prev_valid_bleu:
+        set_lr(run, progress.lr * args.lr_decay, f"validation BLEU fell from {progress.prev_valid_bleu:.2f}")
     if record:
         progress.prev_valid_ppl, progress.prev_valid_bleu = record["valid_ppl"], record["valid_bleu"]
-
-
-def worse_than_before(progress, record, metric: str) -> bool:
-    if metric == "ppl":
-        return record["valid_ppl"] > progress.prev_valid_ppl
-    return record["valid_bleu"] < progress.prev_valid_bleu
 
 
 def save_last(run: Run, new_row: bool = False) -> None:
