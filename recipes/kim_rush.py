@@ -286,6 +286,7 @@ def run(args):
 
     teacher_dir = run_dir / "teacher"
     teacher, teacher_done = str(teacher_dir / "best.pt"), teacher_dir / "done.json"
+    teacher_vocab = teacher_dir / "last.pt"
     word_kd = ["--teacher", teacher, "--kd-alpha", str(S["kd_alpha"])]     # Word-KD: T = 1, as the paper
     K = S["seqinter_beam"]
     # Each job: (the files it needs, the step); run_jobs runs them in order as their inputs appear.
@@ -313,17 +314,18 @@ def run(args):
             if folder.startswith("teacher"):
                 continue
             learns_from, init, kd = STUDENTS[folder]
-            needs = [teacher_done] if learns_from == "ref" else [data[learns_from]]
+            # the teacher's vocabularies are in its last.pt from its first evaluation on: a baseline
+            # can start then; Word-KD needs the finished teacher, Seq-KD and Seq-Inter their data
+            needs = [teacher_done if kd else teacher_vocab] if learns_from == "ref" else [data[learns_from]]
             if init:       # a fine-tuning of the same seed's student, at the smaller rate
                 flags = train_on(data[learns_from], S["finetune_epochs"], S["finetune_lr"])
                 flags += ["--init", str(run_dir / f"{init}_s{seed}" / "best.pt")]
                 needs.append(run_dir / f"{init}_s{seed}" / "done.json")
             else:          # the student's size, the teacher's vocabularies
                 flags = train_on(data[learns_from], S["student_epochs"], S["lr"]) + S["student"]
-                flags += ["--vocab-from", teacher]
-            jobs.append((needs + [teacher_done], partial(train_step, f"step 5: {name}, seed {seed}",
-                                                         run_dir / f"{folder}_s{seed}",
-                                                         flags + ["--seed", str(seed)] + (word_kd if kd else []))))
+                flags += ["--vocab-from", str(teacher_vocab)]
+            jobs.append((needs, partial(train_step, f"step 5: {name}, seed {seed}", run_dir / f"{folder}_s{seed}",
+                                        flags + ["--seed", str(seed)] + (word_kd if kd else []))))
     steps.run_jobs(jobs)
     if not steps.claim(run_dir / "table.running", "steps 6 and 7", wait=False):
         print("another process of this command is writing the table: it ends this one")
