@@ -63,7 +63,7 @@ SETTINGS = {
     # teacher 2x384 with 256-dim embeddings (10.16M parameters), student 2x192 with 128-dim
     # embeddings (3.89M, 0.38 of the teacher; its recurrent and attention weights 1/4 of the
     # teacher's), each at the rate of the validation sweep. Every model trains until its validation
-    # BLEU has not improved for 4 epochs, halving the rate when the validation perplexity rises.
+    # BLEU has not improved for 4 epochs, halving the rate when the validation BLEU falls.
     # In a half-size pilot (2x192 teacher, 2x96 student, --patience 2) the baselines stopped at half
     # the teacher's validation BLEU, on a plateau that a Seq-KD student of the same size left behind.
     "corpus": dict(
