@@ -1,8 +1,10 @@
 """Tests of train.py's run folders and evaluation output: the free folder an occupied --save-dir's error names,
---keep-epochs with average.py --last, counts in messages, the progress of the evaluation decoding. Tiny models
-on the corpus of test_train.py (5 batches an epoch)."""
+--keep-epochs with average.py --last, counts in messages, the progress of the evaluation decoding, the plateau
+rule, two one-thread runs side by side. Tiny models on the corpus of test_train.py (5 batches an epoch)."""
 import os
+import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -104,3 +106,24 @@ def test_decay_on_plateau_watches_the_best_metric(metric, evaluations, halved_af
             halved.append(i)
     assert halved == halved_after
     assert optimizer.param_groups[0]["lr"] == 0.5 ** len(halved_after)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPU cores")
+def test_two_one_thread_runs_side_by_side_take_about_the_time_of_one(corpus, tmp_path):
+    """With --threads 1 (the CPU default) two trainings share two cores without slowing each other
+    much; torch's default of one thread per core oversubscribed them 10-100x. The bound is loose:
+    start-up, the disk and other jobs of the machine count too."""
+    def started(name):
+        argv = flags(corpus, tmp_path / name, "--epochs", 8, "--hidden", 128, "--max-steps", 10 ** 6)
+        return subprocess.Popen([sys.executable, "train.py", *argv], stdout=subprocess.DEVNULL,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def wall(*names):
+        t0 = time.monotonic()
+        for p in [started(name) for name in names]:
+            assert p.wait() == 0
+        return time.monotonic() - t0
+
+    alone = wall("alone")
+    together = wall("left", "right")
+    assert together < 1.5 * alone, f"one run {alone:.1f} s, two side by side {together:.1f} s"
