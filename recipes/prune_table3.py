@@ -24,6 +24,10 @@ the command-line tools a user would run by hand:
     3. train.py   --init ROW/pruned.pt on the Seq-KD data             -> ROW/retrain/
     4. train.py   --init ROW/retrain/best.pt on the Seq-Inter data,
                   with a lower learning rate (as Kim & Rush)          -> ROW/finetune/
+                  (skipped when there is no Seq-Inter data)
+
+Each training runs until its validation BLEU has not improved for --patience evaluations (at most
+--epochs), halving the rate when it falls: the 0% row is the control that gets the same retraining.
     5. translate.py --report of ROW/finetune/best.pt                  -> ROW/after.json
 
 Rows: 0, 50, 80, 85 and 90% class-blind (Kim & Rush, Table 3), then class-uniform and
@@ -63,7 +67,8 @@ def parse_args(argv=None):
     g.add_argument("--teacher", help="the teacher checkpoint: the 'size vs teacher' column")
     g.add_argument("--kd-src", help="source side of the Seq-KD (and Seq-Inter) training data")
     g.add_argument("--kd-tgt", help="Seq-KD targets: the teacher's beam output on --kd-src")
-    g.add_argument("--inter-tgt", help="Seq-Inter targets: the teacher's n-best closest to the reference")
+    g.add_argument("--inter-tgt", help="Seq-Inter targets: the teacher's n-best closest to the reference "
+                   "(optional: without them step 4 is skipped)")
     g.add_argument("--valid-src", help="validation source")
     g.add_argument("--valid-tgt", help="validation references")
     g.add_argument("--test-src", help="test source: the BLEU of the table")
@@ -79,10 +84,14 @@ def parse_args(argv=None):
     g.add_argument("--optim", default="sgd", help="retraining optimizer (default: sgd, as Kim & Rush)")
     g.add_argument("--lr", type=float, default=0.5,
                    help="retraining rate on Seq-KD data, below the from-scratch rate (default: 0.5)")
-    g.add_argument("--epochs", type=int, default=4, help="retraining epochs on Seq-KD data (default: 4)")
+    g.add_argument("--epochs", type=int, default=20,
+                   help="at most this many retraining epochs on Seq-KD data (default: 20)")
+    g.add_argument("--patience", type=int, default=3, help="every training stops after this many epochs "
+                   "without a better validation BLEU (default: 3)")
     g.add_argument("--inter-lr", type=float, default=0.1,
                    help="the lower fine-tuning rate on Seq-Inter data (default: 0.1)")
-    g.add_argument("--inter-epochs", type=int, default=2, help="fine-tuning epochs on Seq-Inter data (default: 2)")
+    g.add_argument("--inter-epochs", type=int, default=10,
+                   help="at most this many fine-tuning epochs on Seq-Inter data (default: 10)")
     g.add_argument("--beam", type=int, default=5, help="beam size of the BLEU columns (default: 5)")
     g.add_argument("--train-args", default="",
                    help="more train.py flags for every training, as one string, e.g. \"--device cuda --batch-size 128\"")
@@ -97,7 +106,7 @@ def parse_args(argv=None):
             from_table1(args)
         except data.UserError as e:
             ap.exit(2, f"error: {e}\n")
-    missing = [f"--{k.replace('_', '-')}" for k in ("student", "kd_src", "kd_tgt", "inter_tgt", "valid_src",
+    missing = [f"--{k.replace('_', '-')}" for k in ("student", "kd_src", "kd_tgt", "valid_src",
                                                     "valid_tgt", "test_src", "test_tgt")
                if getattr(args, k) is None]
     if missing:
@@ -135,6 +144,10 @@ def from_table1(args):
         print("--table1: validation BLEU of the students: " + ", ".join(
             f"{k} {v:.2f}" for k, v in sorted(scores.items(), key=lambda kv: -kv[1])) + f"; pruning {name}")
         found["student"] = run_dir / name / "best.pt"
+    if args.inter_tgt is None and not Path(found["inter_tgt"]).exists():
+        print(f"--table1: no Seq-Inter data in {run_dir} (that Table 1 setting has no Seq-Inter rows): "
+              "each row is retrained on the Seq-KD data only")
+        del found["inter_tgt"]
     for key, path in found.items():
         if getattr(args, key) is None:
             if not Path(path).exists():
@@ -170,13 +183,15 @@ def run_row(name, amount, scheme, args, run_dir):
 
     extra = shlex.split(args.train_args)
     data_flags = ["--valid-src", args.valid_src, "--valid-tgt", args.valid_tgt, "--optim", args.optim,
-                  "--best-metric", "bleu"]  # Seq-KD students: their reference perplexity misleads
+                  "--best-metric", "bleu",  # Seq-KD students: their reference perplexity misleads
+                  "--patience", str(args.patience), "--decay-on-plateau"]
     retrained = train_step(f"{name}: retrain on the Seq-KD data", row_dir / "retrain",
                            ["--init", str(pruned), "--train-src", args.kd_src, "--train-tgt", args.kd_tgt,
                             "--lr", str(args.lr), "--epochs", str(args.epochs)] + data_flags + extra)
-    final = train_step(f"{name}: fine-tune on the Seq-Inter data", row_dir / "finetune",
-                       ["--init", retrained, "--train-src", args.kd_src, "--train-tgt", args.inter_tgt,
-                        "--lr", str(args.inter_lr), "--epochs", str(args.inter_epochs)] + data_flags + extra)
+    final = retrained if args.inter_tgt is None else train_step(
+        f"{name}: fine-tune on the Seq-Inter data", row_dir / "finetune",
+        ["--init", retrained, "--train-src", args.kd_src, "--train-tgt", args.inter_tgt,
+         "--lr", str(args.inter_lr), "--epochs", str(args.inter_epochs)] + data_flags + extra)
     after = report("after", final)
     return {"name": name, "scheme": scheme, "amount": amount,
             "nonzero_pruned": nonzero_params(pruned), "nonzero": nonzero_params(final),
@@ -221,7 +236,7 @@ def prepare_demo(args, run_dir):
 
 # The table ----------------------------------------------------------------------------------
 
-def format_table(rows, student_params, teacher_params, beam_size):
+def format_table(rows, student_params, teacher_params, beam_size, inter=True):
     b = f"beam {beam_size}"
     lines = [f"| scheme | pruned | non-zero params | size vs teacher | greedy before | {b} before "
              f"| greedy after | {b} after |",
@@ -231,9 +246,9 @@ def format_table(rows, student_params, teacher_params, beam_size):
         lines.append(f"| {r['scheme']} | {r['amount']:.0%} | {r['nonzero']:,} | {ratio} "
                      f"| {r['greedy_before']:.2f} | {r['beam_before']:.2f} "
                      f"| {r['greedy_after']:.2f} | {r['beam_after']:.2f} |")
+    after = "retrained on Seq-KD data" + (", then fine-tuned on Seq-Inter data" if inter else "")
     lines.append(f"student: {student_params:,} parameters" +
-                 (f"; teacher: {teacher_params:,}" if teacher_params else "") +
-                 ". 'after' = retrained on Seq-KD data, then fine-tuned on Seq-Inter data; test-set BLEU.")
+                 (f"; teacher: {teacher_params:,}" if teacher_params else "") + f". 'after' = {after}; test-set BLEU.")
     return "\n".join(lines)
 
 
@@ -266,7 +281,7 @@ def run(args):
 
     student_params = count_params(model_from_checkpoint(load_checkpoint(args.student)))
     teacher_params = count_params(model_from_checkpoint(load_checkpoint(args.teacher))) if args.teacher else None
-    table = format_table(rows, student_params, teacher_params, args.beam)
+    table = format_table(rows, student_params, teacher_params, args.beam, inter=args.inter_tgt is not None)
     runs.write_atomically(run_dir / "table3.md", lambda f: f.write(table + "\n"), mode="w")
     runs.write_json(rows, run_dir / "table3.json")
     print("\n" + table)

@@ -72,3 +72,16 @@ def test_a_student_named_with_student_needs_no_finished_student_folder(tmp_path)
     run = fake_table1_run(tmp_path, {"teacher": 40.0})
     args = recipe.parse_args(["--table1", str(run), "--student", "mine.pt"])
     assert args.student == "mine.pt" and args.teacher == str(run / "teacher" / "best.pt")
+
+
+def test_a_table1_run_without_seq_inter_data_retrains_on_seq_kd_only(tmp_path, capsys):
+    recipe = prune_table3
+    run = fake_table1_run(tmp_path, {"teacher": 40.0, "student_seqkd": 32.0})
+    (run / "distill" / "train.seqinter.de").unlink()
+    args = recipe.parse_args(["--table1", str(run)])
+    assert args.inter_tgt is None and args.kd_tgt == str(run / "distill" / "train.seqkd.de")
+    assert "Seq-KD data only" in capsys.readouterr().out
+    rows = [dict(scheme="class-blind", amount=0.5, nonzero=10, greedy_before=1.0, beam_before=2.0,
+                 greedy_after=3.0, beam_after=4.0)]
+    assert "fine-tuned" not in recipe.format_table(rows, 20, None, 5, inter=False)
+    assert "then fine-tuned on Seq-Inter data" in recipe.format_table(rows, 20, None, 5)
