@@ -94,7 +94,8 @@ def parse_args(argv=None):
                    help="at most this many fine-tuning epochs on Seq-Inter data (default: 10)")
     g.add_argument("--beam", type=int, default=5, help="beam size of the BLEU columns (default: 5)")
     g.add_argument("--train-args", default="",
-                   help="more train.py flags for every training, as one string, e.g. \"--device cuda --batch-size 128\"")
+                   help="more train.py flags for every training, as one string, "
+                   "e.g. \"--device cuda --batch-size 128\"")
     g.add_argument("--device", help="passed to translate.py (default: translate.py's, auto)")
     g.add_argument("--demo", action="store_true",
                    help="make every input from the built-in corpus, with tiny models and few steps")
