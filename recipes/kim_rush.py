@@ -241,8 +241,8 @@ def seed_claims(tables, p_values, alpha=0.05):
 
 
 def add_claims(result):
-    """Step 12: the claims checked on the table, into result["claims"]; the Markdown of the
-    seeds' summary and of the claims."""
+    """Step 7: the claims checked on the table, into result["claims"]; the Markdown of the
+    seeds' summary, of the claims and of the end of every model's validation curve."""
     tables, p_values = {}, {}
     for row in result["rows"]:
         seed = row.get("seed")
@@ -257,7 +257,8 @@ def add_claims(result):
     claims = seed_claims(tables, p_values)
     result["p_values"] = {f"{folder}_s{seed}": p for (folder, seed), p in p_values.items()}
     result["claims"] = [dict(claim=c, holds=h, numbers=n) for c, h, n in claims]
-    return steps.seed_summary(tables, ROWS, p_values) + "\n\n" + claims_markdown(claims)
+    curves = steps.convergence_table(result["run_dir"], [row["folder"] for row in result["rows"]])
+    return steps.seed_summary(tables, ROWS, p_values) + "\n\n" + claims_markdown(claims) + "\n\n" + curves
 
 
 # The recipe ----------------------------------------------------------------------------------

@@ -342,6 +342,25 @@ def seed_summary(tables, rows_spec, p_values):
     return "\n".join(lines)
 
 
+def convergence_table(run_dir, folders, noise=1.0):
+    """Markdown: the end of each model's validation curve (FOLDER/log.jsonl, one row per epoch):
+    epochs trained, the best validation BLEU and its epoch, the last three evaluations, and the
+    verdict "converged" when each of those three is within `noise` BLEU of the best (a run stopped
+    by --patience 3 has its best just before them)."""
+    lines = [f"Validation curves (greedy BLEU per evaluation); converged: the last 3 within {noise:g} BLEU of "
+             "the best.", "", "| Model | epochs | best (epoch) | last 3 | converged? | minutes |",
+             "|---|---:|---:|---|---|---:|"]
+    for folder in folders:
+        log = [json.loads(line) for line in (Path(run_dir) / folder / "log.jsonl").read_text().splitlines()]
+        best = max(log, key=lambda row: row["valid_bleu"])
+        last = [row["valid_bleu"] for row in log[-3:]]
+        ok = len(log) >= 3 and all(best["valid_bleu"] - b <= noise for b in last)
+        lines.append(f"| {folder} | {log[-1]['epoch']} | {best['valid_bleu']:.2f} ({best['epoch']}) | "
+                     f"{' / '.join(f'{b:.2f}' for b in last)} | {'yes' if ok else 'no'} | "
+                     f"{log[-1].get('elapsed', math.nan) / 60:.0f} |")
+    return "\n".join(lines)
+
+
 def report_and_table(step, title, stem, run_dir, rows_spec, S, setting_name, test_src, test_ref, device,
                      t_start, delta_note, more=None):
     """Report every model of `rows_spec` [(row name, folder under run_dir[, seed])] on the test set

@@ -66,6 +66,7 @@ def test_smoke_run_writes_every_step(smoke_run):
                                      if f.startswith("student") and f.rsplit("_s", 1)[0] != "student"}
     assert all(0 < p <= 1 for p in saved["p_values"].values())
     assert "| Seq-KD | " in table and " ± " in table           # the summary over seeds
+    assert table.count(" | yes | ") + table.count(" | no | ") == len(model_folders(recipe))   # the curves' ends
     for r in saved["rows"]:
         assert 0 <= r["p_beam"] <= 1 and r["ppl"] > 1 and r["params"] > 0
 
@@ -286,3 +287,14 @@ def test_run_jobs_runs_each_job_once_its_inputs_exist_and_passes_over_busy_ones(
 
     steps.run_jobs([([made], job("needs a")), ([], job("b")), ([], job("a", makes=made))])
     assert order == ["a", "needs a", "b"]
+
+
+def test_convergence_table_reads_the_end_of_each_curve(tmp_path):
+    bleus = {"a": [10.0, 20.0, 30.0, 29.5, 29.2, 30.0], "b": [5.0, 10.0, 15.0, 20.0]}   # b still rising
+    for folder, values in bleus.items():
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "log.jsonl").write_text("".join(
+            json.dumps({"epoch": i + 1, "valid_bleu": v, "elapsed": 60.0 * (i + 1)}) + "\n" for i, v in enumerate(values)))
+    lines = steps.convergence_table(tmp_path, ["a", "b"]).splitlines()
+    assert lines[-2] == "| a | 6 | 30.00 (3) | 29.50 / 29.20 / 30.00 | yes | 6 |"   # within 1 BLEU of 30.00
+    assert lines[-1] == "| b | 4 | 20.00 (4) | 10.00 / 15.00 / 20.00 | no | 4 |"    # 10.00 is 10 below the best
