@@ -294,7 +294,8 @@ def test_convergence_table_reads_the_end_of_each_curve(tmp_path):
     for folder, values in bleus.items():
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "log.jsonl").write_text("".join(
-            json.dumps({"epoch": i + 1, "valid_bleu": v, "elapsed": 60.0 * (i + 1)}) + "\n" for i, v in enumerate(values)))
+            json.dumps({"epoch": i + 1, "valid_bleu": v, "elapsed": 60.0 * (i + 1)}) + "\n"
+            for i, v in enumerate(values)))
     lines = steps.convergence_table(tmp_path, ["a", "b"]).splitlines()
     assert lines[-2] == "| a | 6 | 30.00 (3) | 29.50 / 29.20 / 30.00 | yes | 6 |"   # within 1 BLEU of 30.00
     assert lines[-1] == "| b | 4 | 20.00 (4) | 10.00 / 15.00 / 20.00 | no | 4 |"    # 10.00 is 10 below the best
