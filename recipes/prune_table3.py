@@ -79,6 +79,9 @@ def parse_args(argv=None):
                    help="class-blind pruning amounts (default: %(default)s)")
     g.add_argument("--compare-at", type=float, default=COMPARE_AT,
                    help="also prune with every scheme at this amount (default: %(default)s)")
+    g.add_argument("--schemes", default=",".join(prune.SCHEMES),
+                   help="the schemes pruned at --compare-at (default: all three); with --amounts, a part of the "
+                   "table for another process: e.g. --amounts 0 --schemes class-blind")
     g.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="passed to prune.py: leave these weight classes unpruned")
     g.add_argument("--optim", default="sgd", help="retraining optimizer (default: sgd, as Kim & Rush)")
@@ -253,6 +256,15 @@ def format_table(rows, student_params, teacher_params, beam_size, inter=True):
     return "\n".join(lines)
 
 
+def table_rows(amounts, compare_at, schemes):
+    """The rows [(amount, scheme)]: class-blind at every amount, then each scheme at compare_at."""
+    unknown = [s for s in schemes if s not in prune.SCHEMES]
+    if unknown:
+        raise data.UserError(f"--schemes: unknown {', '.join(unknown)} (known: {', '.join(prune.SCHEMES)})")
+    rows = [(a, "class-blind") for a in amounts]
+    return rows + [(compare_at, s) for s in schemes if (compare_at, s) not in rows]
+
+
 def main(argv=None):
     return steps.main(parse_args, run, argv)
 
@@ -269,8 +281,7 @@ def run(args):
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.demo:
         args = prepare_demo(args, run_dir)
-    settings = [(a, "class-blind") for a in amounts]
-    settings += [(args.compare_at, s) for s in prune.SCHEMES if (args.compare_at, s) not in settings]
+    settings = table_rows(amounts, args.compare_at, args.schemes.split(","))
 
     rows = []
     for amount, scheme in settings:

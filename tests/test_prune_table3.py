@@ -85,3 +85,12 @@ def test_a_table1_run_without_seq_inter_data_retrains_on_seq_kd_only(tmp_path, c
                  greedy_after=3.0, beam_after=4.0)]
     assert "fine-tuned" not in recipe.format_table(rows, 20, None, 5, inter=False)
     assert "then fine-tuned on Seq-Inter data" in recipe.format_table(rows, 20, None, 5)
+
+
+def test_table_rows_class_blind_at_every_amount_then_the_schemes():
+    rows = prune_table3.table_rows([0.0, 0.5, 0.8], 0.8, ["class-blind", "class-uniform", "class-distribution"])
+    assert rows == [(0.0, "class-blind"), (0.5, "class-blind"), (0.8, "class-blind"),
+                    (0.8, "class-uniform"), (0.8, "class-distribution")]
+    assert prune_table3.table_rows([0.0], 0.8, ["class-blind"]) == [(0.0, "class-blind"), (0.8, "class-blind")]
+    with pytest.raises(prune_table3.data.UserError, match="unknown class-wide"):
+        prune_table3.table_rows([0.0], 0.8, ["class-wide"])
