@@ -350,6 +350,8 @@ def resolve_defaults(args) -> None:
     if args.preset is None and args.arch:
         args.preset = DEFAULT_PRESETS[args.arch, args.builtin]
         schedule = TRAIN_PRESETS.get(args.preset, {}) if args.builtin else {}
+    if args.resume:      # the stopped run's flags (parse_args) are resolved already: a None there is its value
+        schedule = {}
     if args.optim is not None and args.optim != schedule.get("optim", args.optim):
         schedule = {flag: value for flag, value in schedule.items() if flag != "lr"}  # its lr is for its optimizer
     arch = args.arch or load_checkpoint(args.init)["arch"]       # with --init: the checkpoint's

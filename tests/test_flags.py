@@ -191,3 +191,19 @@ def test_keep_epochs_must_be_0_or_more():
     assert resolved().keep_epochs == 0
     with pytest.raises(UserError, match="^--keep-epochs must be 0 or more, got -1$"):
         resolved("--keep-epochs", -1)
+
+
+def test_resume_keeps_the_resolved_flags_of_the_stopped_run(tmp_path):
+    """A run on your corpus without --preset resolves --preset to kim-rush-student but takes none of
+    its schedule; resuming it must not take that schedule either (it once added --decay-after 8)."""
+    import torch
+
+    import flags
+    first = flags.parse_args(FILES + ["--optim", "adam", "--lr", "0.005", "--decay-on-plateau",
+                                      "--save-dir", str(tmp_path)])
+    assert first.preset == "kim-rush-student" and first.decay_after is None
+    torch.save({"format": "seqkd", "model": {}, "args": vars(first)}, tmp_path / "last.pt")
+    resumed = flags.parse_args(["--save-dir", str(tmp_path), "--resume"])
+    assert resumed.decay_after is None
+    assert {k: v for k, v in vars(resumed).items() if k != "resume"} == {
+        k: v for k, v in vars(first).items() if k != "resume"}
