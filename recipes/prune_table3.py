@@ -100,6 +100,8 @@ def parse_args(argv=None):
                    help="more train.py flags for every training, as one string, "
                    "e.g. \"--device cuda --batch-size 128\"")
     g.add_argument("--device", help="passed to translate.py (default: translate.py's, auto)")
+    g.add_argument("--threads", type=int, help="CPU threads of every training and translation (two processes "
+                   "on 2 cores: 1 each)")
     g.add_argument("--demo", action="store_true",
                    help="make every input from the built-in corpus, with tiny models and few steps")
     args = ap.parse_args(argv)
@@ -169,7 +171,8 @@ def run_row(name, amount, scheme, args, run_dir):
     """Prune, measure, retrain on Seq-KD, fine-tune on Seq-Inter, measure. Returns the table row."""
     row_dir = run_dir / "rows" / name
     row_dir.mkdir(parents=True, exist_ok=True)
-    report_flags = ["--no-progress"] + (["--device", args.device] if args.device else [])
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    report_flags = ["--no-progress"] + (["--device", args.device] if args.device else []) + threads
 
     def report(when, ckpt):      # translate.py --report on the test set: BLEU of greedy and of beam search
         return steps.report_step(f"{name}: report {when} retraining", ckpt, args.test_src, args.test_tgt,
@@ -185,7 +188,7 @@ def run_row(name, amount, scheme, args, run_dir):
         prune.main(argv)
     before = report("before", pruned)
 
-    extra = shlex.split(args.train_args)
+    extra = shlex.split(args.train_args) + threads
     data_flags = ["--valid-src", args.valid_src, "--valid-tgt", args.valid_tgt, "--optim", args.optim,
                   "--best-metric", "bleu",  # Seq-KD students: their reference perplexity misleads
                   "--patience", str(args.patience), "--decay-on-plateau"]
