@@ -180,6 +180,23 @@ def int8_model(model):
         return model
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def decoding_precision(name, device):
+    """The context decoding runs in. None: float32. "tf32": float32 weights, matrix products in
+    TF32 on CUDA (10-bit mantissa inputs, float32 sums). "bf16" / "fp16": torch.autocast, which
+    runs the matrix products in that type and keeps softmaxes and sums in float32 (Model.step
+    returns float32 log-probabilities either way). fp16 and TF32 are CUDA's; bf16 runs on the CPU too."""
+    if name is None:
+        return contextlib.nullcontext()
+    if name in ("tf32", "fp16") and device.type != "cuda":
+        raise UserError(f"--autocast {name} is for CUDA, not {device}: use --device cuda, or bf16 on the CPU")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return contextlib.nullcontext() if name == "tf32" else torch.autocast(device.type, dtype=AUTOCAST[name])
+
+
 def pick_device(name=None):
     """'auto' (or None): CUDA when present, else CPU."""
     if name in (None, "auto"):

@@ -25,7 +25,7 @@ import data
 import runs
 from beam import bleu, decode_ids
 from data import UserError
-from model import int8_model, load_checkpoint, model_from_checkpoint, pick_device
+from model import decoding_precision, int8_model, load_checkpoint, model_from_checkpoint, pick_device
 from report import format_report, show_attention, table1_report
 
 
@@ -260,6 +260,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--int8", action="store_true", help="decode with int8 weights (CPU; model.int8_model)")
+    p.add_argument("--autocast", choices=["tf32", "bf16", "fp16"], help="decode in reduced precision: TF32 "
+                   "matrix products (CUDA), or torch.autocast in bf16 (CUDA or CPU) or fp16 (CUDA); "
+                   "model.decoding_precision")
     p.add_argument("--bleu-tokenize", help="sacrebleu tokenizer: 13a for raw text, none for "
                                            "pre-tokenized text (default: the one training used, else 13a)")
     p.add_argument("--shard", default="1/1",
@@ -346,6 +349,8 @@ def load_translator(args, device):
     """The checkpoint of --ckpt, its model on `device` (int8 with --int8) and its vocabularies."""
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt, device)
+    if args.int8 and args.autocast:
+        raise UserError(f"--int8 and --autocast {args.autocast}: give one precision")
     if args.int8:
         if device.type != "cpu":
             raise UserError(f"--int8 decodes on the CPU, not {device}: add --device cpu")
@@ -354,6 +359,7 @@ def load_translator(args, device):
 
 
 def run(args):
+    """Translate, report or show attention as the flags say, in the precision of --autocast."""
     shard = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -361,6 +367,13 @@ def run(args):
     # (taken before setup_processes silences stdout in processes > 0: each reports its shard)
     rank, world, device = runs.setup_processes(pick_device(args.device), timeout_hours=48)
     ckpt, model, src_vocab, tgt_vocab = load_translator(args, device)
+    with decoding_precision(args.autocast, device):
+        return decode(args, ckpt, model, src_vocab, tgt_vocab, log, (rank, world, device, shard))
+
+
+def decode(args, ckpt, model, src_vocab, tgt_vocab, log, where):
+    """run's work once the model is loaded; where = (rank, world, device, shard)."""
+    rank, world, device, shard = where
     search = dict(max_len_a=args.max_len_a, max_len_b=args.max_len_b, length_norm=args.length_norm)
     if args.interactive:
         if sys.stdin.isatty():

@@ -8,7 +8,7 @@ import torch
 import lstm
 import model as M
 import t5
-from data import UserError
+from data import BOS, UserError
 
 
 def tiny():
@@ -110,7 +110,8 @@ def test_int8_decoding_agrees_with_float32_and_is_deterministic(tmp_path):
             (tmp_path / f"{name}.{side}").write_text("".join(p[k] + "\n" for p in part))
     train.main(["--train-src", str(tmp_path / "train.src"), "--train-tgt", str(tmp_path / "train.tgt"),
                 "--valid-src", str(tmp_path / "test.src"), "--valid-tgt", str(tmp_path / "test.tgt"),
-                "--preset", "builtin", "--optim", "adam", "--lr", "0.005", "--batch-size", "32", "--epochs", "2", "--threads", "1", "--save-dir", str(tmp_path / "run")])
+                "--preset", "builtin", "--optim", "adam", "--lr", "0.005", "--batch-size", "32", "--epochs", "2",
+                "--threads", "1", "--save-dir", str(tmp_path / "run")])
     ckpt = M.load_checkpoint(str(tmp_path / "run" / "best.pt"))
     fp32 = M.model_from_checkpoint(ckpt)
     int8 = M.int8_model(M.model_from_checkpoint(ckpt))
@@ -121,3 +122,22 @@ def test_int8_decoding_agrees_with_float32_and_is_deterministic(tmp_path):
     a, b = beam.translate(fp32, sv, tv, src, beam=1), beam.translate(int8, sv, tv, src, beam=1)
     assert sum(x == y for x, y in zip(a, b)) >= 0.9 * len(src)
     assert beam.translate(int8, sv, tv, src, beam=1) == b
+
+
+def test_bf16_autocast_changes_the_products_not_the_output_type():
+    """Under decoding_precision("bf16") the matrix products run in bfloat16: the log-probabilities
+    move by about bf16's precision (8 bits of mantissa), and stay float32."""
+    torch.manual_seed(0)
+    cfg = M.make_config("lstm", "builtin", src_vocab=20, tgt_vocab=30, hidden=32, emb_dim=16)
+    model = M.build_model("lstm", asdict(cfg)).eval()
+    src = torch.randint(4, 20, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    prev = torch.full((3,), BOS)
+    with torch.no_grad():
+        fp32, _, _ = model.step(prev, model.start(src, mask))
+        with M.decoding_precision("bf16", torch.device("cpu")):
+            bf16, _, _ = model.step(prev, model.start(src, mask))
+    assert bf16.dtype == torch.float32
+    gap = (bf16 - fp32).abs().max().item()
+    assert 1e-5 < gap < 0.05, gap
+    assert M.decoding_precision(None, torch.device("cpu")).__class__.__name__ == "nullcontext"

@@ -160,6 +160,9 @@ def test_cli_nbest_report_and_attention(ckpt_files, capsys):
     (["--select", "sentence-bleu", "--nbest", "2"], "--select sentence-bleu needs --ref"),
     (["--report"], "--report needs --ref"),
     (["--show-attention", "9"], "--show-attention 9"),
+    (["--autocast", "fp16", "--device", "cpu"], "--autocast fp16 is for CUDA, not cpu"),
+    (["--autocast", "tf32", "--device", "cpu"], "--autocast tf32 is for CUDA, not cpu"),
+    (["--autocast", "bf16", "--int8"], "give one precision"),
 ])
 def test_cli_bad_flags_give_one_line_errors(ckpt_files, flags, message):
     f = ckpt_files
@@ -242,6 +245,22 @@ def test_cli_int8_decodes_with_the_quantised_model(ckpt_files):
         hyps = fh.read().split("\n")[:-1]
     m, sv, tv, _ = tiny_lstm()
     assert hyps == beam.translate(seqmodel.int8_model(m.eval()), sv, tv, SRC, beam=1)
+
+
+def test_cli_bf16_autocast_on_the_cpu_matches_float32_on_most_sentences(ckpt_files):
+    f = ckpt_files
+    outs = {}
+    for name, flags in (("fp32", []), ("bf16", ["--autocast", "bf16"]), ("bf16 again", ["--autocast", "bf16"])):
+        out = os.path.join(f["dir"], f"hyp_{name}.txt")
+        translate.main(["--ckpt", f["ckpt"], "--src", f["src"], "--out", out, "--beam", "2", "--device", "cpu",
+                        "--no-progress"] + flags)
+        with open(out, encoding="utf-8") as fh:
+            outs[name] = fh.read().split("\n")[:-1]
+    m, sv, tv, _ = tiny_lstm()
+    assert outs["fp32"] == beam.translate(m.eval(), sv, tv, SRC, beam=2)
+    assert outs["bf16"] == outs["bf16 again"]                     # deterministic
+    same = sum(a == b for a, b in zip(outs["fp32"], outs["bf16"]))
+    assert same >= len(SRC) - 1, (same, len(SRC))                # bf16 keeps 8 bits of mantissa
 
 
 # ---------------------------------------------------------------------------------------------
