@@ -98,6 +98,9 @@ def format_table(rows, args):
                      f"| {r['words_per_s'] / teacher_beam:.1f}x | {r['file_mib']:.2f} | {r['peak_mib']:.0f} |")
     lines.append(f"{args.rounds} interleaved rounds, {args.threads} CPU threads, test set {args.src}. Peak MiB: the "
                  "decoding process's largest resident set, Python and torch included.")
+    changed = [f"{r['model']} {r['precision']} {r['search']}" for r in rows if not r["same_output"]]
+    if changed:      # decoding should be deterministic: say so where a round's translations differ
+        lines.append("Translations differed between rounds for: " + ", ".join(changed) + " (BLEU: the first round's).")
     return "\n".join(lines)
 
 

@@ -187,7 +187,8 @@ def decoding_precision(name, device):
     """The context decoding runs in. None: float32. "tf32": float32 weights, matrix products in
     TF32 on CUDA (10-bit mantissa inputs, float32 sums). "bf16" / "fp16": torch.autocast, which
     runs the matrix products in that type and keeps softmaxes and sums in float32 (Model.step
-    returns float32 log-probabilities either way). fp16 and TF32 are CUDA's; bf16 runs on the CPU too."""
+    returns float32 log-probabilities either way). fp16 and TF32 are CUDA's; bf16 runs on the CPU too.
+    On CUDA every choice also allows TF32 products for the rest of the process."""
     if name is None:
         return contextlib.nullcontext()
     if name in ("tf32", "fp16") and device.type != "cuda":

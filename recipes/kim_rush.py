@@ -59,10 +59,10 @@ from steps import train_step, translate_step  # noqa: E402
 
 SETTINGS = {
     # A real corpus (Multi30k, 29k pairs), sized to finish in one 3-hour session on 2 CPU cores
-    # (BENCHMARKS.md, "Kim & Rush on Multi30k in one session"): a 2x384 teacher with 2x192 students
+    # (BENCHMARKS.md, "Kim & Rush (2016) Table 1 on Multi30k en→de in one session"): a 2x384 teacher with 2x192 students
     # needs 8-9 hours of both cores, longer than a session keeps its run folder. Sentencepiece 3,000
     # pieces per side; teacher 2x128 with 128-dim embeddings (1.73m parameters), student 2x64 with
-    # 64-dim embeddings (0.40 of the teacher; its recurrent and attention weights 1/4 of the
+    # 64-dim embeddings (0.42 of the teacher; its recurrent and attention weights 1/4 of the
     # teacher's); Adam at 5e-3, the validation sweep's rate for the 2x192 student. Every model trains
     # until its validation BLEU has not improved for 3 epochs, halving the rate when it falls.
     # Rows: the teacher, and the baseline and Seq-KD students with three seeds (2 hours of both
@@ -75,7 +75,7 @@ SETTINGS = {
         teacher_lr=5e-3,      # Adam
         lr=5e-3,              # Adam, the students
         finetune_lr=5e-4,     # Seq-Inter fine-tuning: 10x smaller (the paper fine-tunes with a smaller rate)
-        teacher_epochs=30,    # ceilings: --patience 3 stops every run before them
+        teacher_epochs=30,    # ceilings (in the 2026-12-03 run one Seq-KD student reached it)
         student_epochs=30,
         finetune_epochs=10,
         kd_alpha=0.5,         # the paper's alpha, T = 1
