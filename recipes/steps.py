@@ -152,18 +152,26 @@ def report_step(title, ckpt, test_src, test_ref, out_json, k, flags=()):
 
 # 2. The run folder and its corpus: {split}.{lang} files, or the built-in corpus --------------
 
+# Settings that say which models to train, not how: a later run may add rows or seeds to a run
+# folder, and every model already in it stays one the new settings would have trained.
+WHICH_MODELS = ("rows", "seeds")
+
+
 def check_same_settings(path, settings):
     """A run folder belongs to one set of hyper-parameters: finished steps are reused, so mixing
-    settings would mix models. The first run writes them; a later run must match."""
+    settings would mix models. The first run writes them; a later run must match, except in
+    WHICH_MODELS (the file then records the new ones)."""
     settings = json.loads(json.dumps(settings))
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved != settings:
-            changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        changed = sorted(k for k in set(saved) | set(settings)
+                         if saved.get(k) != settings.get(k) and k not in WHICH_MODELS)
+        if changed:
             raise UserError(f"{path.parent} was made with other settings ({', '.join(changed)}): "
                             "give a new --run-dir, or delete that folder to start again")
-    else:
-        runs.write_json(settings, path)
+        if saved == settings:
+            return
+    runs.write_json(settings, path)
 
 
 def corpus_files(corpus, src, tgt, splits):

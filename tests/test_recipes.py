@@ -163,6 +163,18 @@ def test_run_folder_refuses_other_settings(smoke_run):
     assert str(e.value).startswith("error: ") and "other settings (seed)" in str(e.value)
 
 
+def test_run_folder_takes_more_rows_and_seeds_but_no_other_hyperparameter(tmp_path):
+    path = tmp_path / "settings.json"
+    first = dict(lr=5e-3, rows=["teacher", "student"], seeds=[1, 2, 3])
+    steps.check_same_settings(path, first)
+    more = dict(first, rows=["teacher", "student", "student_wordkd"], seeds=[1, 2, 3, 4])
+    steps.check_same_settings(path, more)                     # which models to train: allowed
+    assert json.loads(path.read_text()) == more               # and recorded
+    with pytest.raises(steps.UserError, match=r"other settings \(lr\)"):
+        steps.check_same_settings(path, dict(more, lr=1e-3))   # how to train them: refused
+    assert json.loads(path.read_text()) == more
+
+
 def paper_table1():
     """The paper's Table 1 numbers (4x1000 teacher, 2x500 students), as reports."""
     def report(greedy, beam=0.0, ppl=1.0, p=0.0, greedy_speed=0.0, beam_speed=0.0):
