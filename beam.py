@@ -68,8 +68,9 @@ def allowed_logp(logp, last):
     hypotheses at their sentence's max_len (see the top of the file). Changes logp in place."""
     logp[:, PAD] = float("-inf")
     logp[:, BOS] = float("-inf")
-    logp[last, :EOS] = float("-inf")
-    logp[last, EOS + 1:] = float("-inf")
+    if last.any():      # on most steps no row is at its max_len, and the write is slow (7-18% of a search)
+        logp[last, :EOS] = float("-inf")
+        logp[last, EOS + 1:] = float("-inf")
     return logp
 
 
