@@ -1,6 +1,6 @@
 """Kim & Rush (2016), "Sequence-Level Knowledge Distillation", Table 1 with one command.
 
-    python recipes/kim_rush.py --builtin                 # built-in corpus, ~10 min on 2 CPU cores
+    python recipes/kim_rush.py --builtin                 # built-in corpus, 4 minutes on 2 CPU cores (BENCHMARKS.md)
     python prepare.py multi30k --out data/multi30k       # or any folder of {train,valid,test}.{en,de}
     python recipes/kim_rush.py --corpus data/multi30k --valid-split valid   # -> runs/kim_rush_multi30k
 
@@ -90,7 +90,7 @@ SETTINGS = {
         rows=["teacher", "teacher_seqinter", "student", "student_wordkd", "student_seqkd", "student_seqkd_seqinter"],
     ),
     # The built-in synthetic corpus (synthetic.builtin_splits: 20k training pairs, 500 valid, 500 test),
-    # the whole table in about 10-15 minutes on 2 CPU cores. The training settings are those of
+    # the whole table in 4 minutes on 2 CPU cores (BENCHMARKS.md, 2026-12-02). The training settings are those of
     # the default `python train.py` run (bidirectional encoder, Adam 5e-3, 32 sentences a batch),
     # with which a 1x128 model reaches ~80 validation BLEU in 3 epochs. Teacher 1x128 with 64-dim
     # embeddings (302k parameters), student 1x64 with 32-dim embeddings (82k, 0.27 of the teacher).

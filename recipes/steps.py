@@ -23,6 +23,7 @@ import synthetic  # noqa: E402
 import train  # noqa: E402
 import translate  # noqa: E402
 from data import UserError  # noqa: E402
+from flags import CPU_THREADS  # noqa: E402
 from model import pick_device  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def train_step(title, save_dir, flags, wait=True):
         return str(save_dir / "best.pt")
     announce(title)
     argv = flags + ["--save-dir", str(save_dir)] + (["--resume"] if (save_dir / "last.pt").exists() else [])
-    if "--threads" not in flags:     # the recipe's threads (its --threads, else torch's), not train.py's default
+    if "--threads" not in flags:     # the recipe's threads (its --threads)
         argv += ["--threads", str(torch.get_num_threads())]
     print("python train.py " + " ".join(argv), flush=True)
     t0 = time.time()
@@ -236,7 +237,9 @@ def parse_args(argv, description, recipe, extra_flags=None):
     p.add_argument("--smoke", action="store_true", help="a tiny built-in run that only checks every step runs")
     p.add_argument("--run-dir", help=f"where everything goes (default: runs/{recipe}_<corpus>)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ... (default: auto)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=CPU_THREADS,
+                   help=f"CPU threads of every step (default: {CPU_THREADS}, as train.py's: the same sums, so the "
+                   "same numbers, on every run; two processes of the command share 2 cores)")
     p.add_argument("--seed", type=int, default=1, help="seed of every training (kim_rush.py: of the teacher and "
                    "the distilled data; its students take the setting's seeds) (default: 1)")
     for flag, kwargs in extra_flags or []:
