@@ -3,6 +3,7 @@
     python bench.py                          # the BENCHMARKS.md table (2x500 and 4x1000 LSTMs)
     python bench.py --sizes 2x500 --json out.json
     python bench.py --memory kim-rush-teacher --memory-batches 64,128     # peak memory of a step
+    python bench.py --sparse pruned.pt --threads 2     # a pruned model's products: dense vs sparse
 
 Training: random sentences of 5-20 tokens over a 500-word vocabulary, 64 sentences a batch
 (bucketed by length, as train.py batches), general attention, input feeding, dropout 0.2, Adam,
@@ -19,6 +20,7 @@ import argparse
 import platform
 import resource
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +165,39 @@ def step_memory(preset, batch_sizes, length=50, vocab=50000, device="cpu"):
     return rows
 
 
+def sparse_vs_dense(ckpt_path, rows=(64, 320), repeats=200):
+    """Does a pruned model's sparsity make its decoder step faster on this CPU? For every weight
+    matrix W of the decoder step (the LSTM's `rnn.*`, the attention, W_c, the output layer; the
+    embeddings are looked up, not multiplied), the product of one step with R hypotheses,
+    x W^T for x (R, in), timed dense and with torch's CSR kernel (torch.sparse.mm(W_csr, x^T)),
+    float32. rows: R of greedy search (64 sentences) and of beam 5 (320). Returns one dict per
+    R: the summed seconds of every matrix's product, dense and sparse, and the weights' zero fraction."""
+    model = M.model_from_checkpoint(M.load_checkpoint(ckpt_path), torch.device("cpu"))
+    step = {n: w.detach() for n, w in model.named_parameters()
+            if w.dim() == 2 and not n.startswith("encoder") and "embed" not in n}
+    zeros = sum(int((w == 0).sum()) for w in step.values()) / sum(w.numel() for w in step.values())
+    out = []
+    for R in rows:
+        dense = sparse = 0.0
+        for w in step.values():
+            with warnings.catch_warnings():      # "Sparse CSR tensor support is in beta state"
+                warnings.simplefilter("ignore")
+                x, w_csr = torch.randn(R, w.size(1)), w.to_sparse_csr()
+            torch.testing.assert_close(torch.sparse.mm(w_csr, x.t()).t(), x @ w.t())   # the same product
+            for product, add_to in ((lambda: x @ w.t(), "dense"), (lambda: torch.sparse.mm(w_csr, x.t()), "sparse")):
+                product()                                               # warm-up
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    product()
+                seconds = (time.perf_counter() - t0) / repeats
+                dense, sparse = (dense + seconds, sparse) if add_to == "dense" else (dense, sparse + seconds)
+        out.append({"rows": R, "matrices": len(step), "zero_fraction": zeros, "dense_s": dense, "sparse_s": sparse})
+        print(f"{R} rows: the decoder step's {len(step)} products, {100 * zeros:.0f}% zeros: dense "
+              f"{1e6 * dense:,.0f} us, CSR sparse {1e6 * sparse:,.0f} us (sparse at {dense / sparse:.2f}x "
+              "the dense speed)", flush=True)
+    return out
+
+
 def parse_size(text, vocab):
     """'2x500' -> the benchmark config: layers x hidden, embeddings of the hidden size."""
     layers, hidden = (int(x) for x in text.lower().split("x"))
@@ -186,9 +221,16 @@ def main(argv=None):
     p.add_argument("--memory-batches", default="64,128", help="with --memory: comma-separated batch sizes")
     p.add_argument("--memory-vocab", type=int, default=50000, help="with --memory: vocabulary size")
     p.add_argument("--device", default="auto", help="with --memory: auto, cpu or cuda")
+    p.add_argument("--sparse", metavar="CKPT", default=None,
+                   help="instead: a pruned checkpoint's decoder products, dense against sparse (CSR)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sparse:
+        rows = sparse_vs_dense(args.sparse)
+        if args.json:
+            runs.write_json(rows, args.json)
+        return rows
     if args.memory:
         rows = step_memory(args.memory, [int(b) for b in args.memory_batches.split(",")],
                            vocab=args.memory_vocab, device=M.pick_device(args.device))

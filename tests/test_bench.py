@@ -43,3 +43,24 @@ def test_decoder_product_shapes_count_the_decoders_multiply_adds_three_times():
     shapes = bench.decoder_product_shapes(tiny_cfg(), batch=1, tgt_len=2)
     assert sum(m * k * n * c for m, k, n, c in shapes) == 3 * 424
     assert bench.shapes_gflops([(8, 8, 8, 1)], repeats=1) > 0
+
+
+
+def test_sparse_vs_dense_times_the_decoder_products_of_a_pruned_model(tmp_path):
+    import prune
+    from dataclasses import asdict
+    from test_beam import tiny_lstm
+    m, sv, tv, cfg = tiny_lstm()
+    ckpt = {"format": "seqkd", "arch": "lstm", "config": asdict(cfg),
+            "vocab": {"src": sv.to_dict(), "tgt": tv.to_dict()}, "model": m.state_dict(), "args": {}}
+    M.save_checkpoint(ckpt, tmp_path / "model.pt")
+    prune.main(["--ckpt", str(tmp_path / "model.pt"), "--amount", "0.5", "--out", str(tmp_path / "pruned.pt")])
+    pruned = M.model_from_checkpoint(M.load_checkpoint(str(tmp_path / "pruned.pt")))
+    step = [w for n, w in pruned.named_parameters() if w.dim() == 2 and not n.startswith("encoder")
+            and "embed" not in n]
+    zeros = sum(int((w == 0).sum()) for w in step) / sum(w.numel() for w in step)
+    rows = bench.sparse_vs_dense(str(tmp_path / "pruned.pt"), rows=(3, 5), repeats=2)
+    assert [r["rows"] for r in rows] == [3, 5]
+    # W_e, W.0, W.1 (or as many as the layers), the attention, W_c and the output layer
+    assert all(r["matrices"] == len(step) >= 4 and r["zero_fraction"] == zeros for r in rows)
+    assert 0.2 < zeros < 0.8 and all(r["dense_s"] > 0 and r["sparse_s"] > 0 for r in rows)
