@@ -45,7 +45,6 @@ def test_decoder_product_shapes_count_the_decoders_multiply_adds_three_times():
     assert bench.shapes_gflops([(8, 8, 8, 1)], repeats=1) > 0
 
 
-
 def test_sparse_vs_dense_times_the_decoder_products_of_a_pruned_model(tmp_path):
     import prune
     from dataclasses import asdict
