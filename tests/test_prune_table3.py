@@ -87,6 +87,24 @@ def test_a_table1_run_without_seq_inter_data_retrains_on_seq_kd_only(tmp_path, c
     assert "then fine-tuned on Seq-Inter data" in recipe.format_table(rows, 20, None, 5)
 
 
+def test_every_row_is_tested_against_the_0_percent_control():
+    refs = ["a b c d e", "f g h i j", "k l m n o", "p q r s t"]
+    row = dict(nonzero=10, greedy_before=0.0, beam_before=0.0, beam_after=0.0)
+    rows = [dict(row, scheme="class-blind", amount=0.0, greedy_after=40.0, hyps_greedy=refs, refs=refs),
+            dict(row, scheme="class-blind", amount=0.8, greedy_after=12.5, hyps_greedy=refs, refs=refs),
+            dict(row, scheme="class-uniform", amount=0.8, greedy_after=41.0, hyps_greedy=["x"] * 4, refs=refs)]
+    prune_table3.against_control(rows)
+    assert [r["delta"] for r in rows] == [0.0, -27.5, 1.0]
+    assert rows[0]["p"] == rows[1]["p"] == 1.0          # the same output as the control: no difference
+    assert rows[2]["p"] < 0.05                          # every sentence wrong against every one right
+    table = prune_table3.format_table(rows, 20, None, 5)
+    assert "| -27.50 | 1.000 |" in table and "Δ greedy vs 0%" in table
+    no_control = [dict(rows[1])]
+    no_control[0].pop("p"), no_control[0].pop("delta")
+    prune_table3.against_control(no_control)
+    assert "p" not in no_control[0] and "| - | - |" in prune_table3.format_table(no_control, 20, None, 5)
+
+
 def test_table_rows_class_blind_at_every_amount_then_the_schemes():
     rows = prune_table3.table_rows([0.0, 0.5, 0.8], 0.8, ["class-blind", "class-uniform", "class-distribution"])
     assert rows == [(0.0, "class-blind"), (0.5, "class-blind"), (0.8, "class-blind"),
