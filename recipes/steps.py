@@ -332,8 +332,8 @@ def seed_summary(tables, rows_spec, p_values):
     baseline's mean, and p_values {(folder, seed): p} of the paired bootstrap per seed."""
     seeds = sorted(tables)
 
-    def spread(folder, key):
-        values = [tables[s][folder][key] for s in seeds]
+    def spread(folder, key, among):
+        values = [tables[s][folder][key] for s in among]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return statistics.fmean(values), f"{statistics.fmean(values):.2f} ± {sd:.2f}"
 
@@ -342,14 +342,17 @@ def seed_summary(tables, rows_spec, p_values):
              "| Model | BLEU greedy | Δ | p per seed | BLEU beam | Δ | PPL | p(t = ŷ) |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
     for name, folder in rows_spec:
-        if folder not in tables[seeds[0]]:
+        among = [s for s in seeds if folder in tables[s]]     # a row not (yet) trained for every seed:
+        if not among:                                        # its seeds, against the baseline's same seeds
             continue
+        name += "" if among == seeds else f" (seeds {', '.join(map(str, among))})"
         base = "teacher" if folder.startswith("teacher") else "student"
-        (greedy, g), (beam, b) = spread(folder, "bleu_greedy"), spread(folder, "bleu_beam")
-        d_greedy, d_beam = greedy - spread(base, "bleu_greedy")[0], beam - spread(base, "bleu_beam")[0]
+        (greedy, g), (beam, b) = spread(folder, "bleu_greedy", among), spread(folder, "bleu_beam", among)
+        d_greedy = greedy - spread(base, "bleu_greedy", among)[0]
+        d_beam = beam - spread(base, "bleu_beam", among)[0]
         ps = ", ".join(f"{p_values[(folder, s)]:.3f}" for s in seeds if (folder, s) in p_values) or "–"
         lines.append(f"| {name} | {g} | {d_greedy:+.2f} | {ps} | {b} | {d_beam:+.2f} | "
-                     f"{spread(folder, 'ppl')[1]} | {100 * spread(folder, 'p_beam')[0]:.1f}% |")
+                     f"{spread(folder, 'ppl', among)[1]} | {100 * spread(folder, 'p_beam', among)[0]:.1f}% |")
     return "\n".join(lines)
 
 

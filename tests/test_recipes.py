@@ -244,6 +244,20 @@ def test_a_missing_row_makes_its_claims_not_run():
     assert recipe.claims_markdown(claims).count("| not run | not run |") == 2
 
 
+def test_a_row_missing_for_one_seed_is_decided_on_the_others_and_cannot_hold():
+    tables = seeded_tables([19.0, 19.5, 20.0])                     # Word-KD +0.5 on every seed
+    del tables[3]["student_wordkd"]                                # not (yet) trained for seed 3
+    p_values = {(f, s): 0.001 for f in ("student_seqkd", "student_wordkd") for s in (1, 2, 3)
+                if (f, s) != ("student_wordkd", 3)}
+    claims = kim_rush.seed_claims(tables, p_values)
+    assert claims[1][1] == "not significant"                       # held on seeds 1 and 2 only
+    assert "seed 2: Word-KD +0.50, Seq-KD +4.50, p = 0.001; seed 3: not run" in claims[1][2]
+    assert claims[0][1] == "holds"                                 # Seq-KD has every seed
+    text = steps.seed_summary(tables, kim_rush.ROWS, p_values)
+    # its mean against the baseline of the same seeds (14 and 15): +0.50, not against all three
+    assert "| Word-KD (seeds 1, 2) | 15.00 ± 0.71 | +0.50 | 0.001, 0.001 |" in text
+
+
 def test_seed_summary_gives_mean_and_sd_and_the_p_values():
     tables = seeded_tables([19.0, 19.5, 20.0])                       # mean 19.5, sd 0.5; baseline 15
     p_values = {("student_seqkd", 1): 0.001, ("student_seqkd", 2): 0.004, ("student_seqkd", 3): 0.03}
