@@ -178,19 +178,20 @@ def sparse_vs_dense(ckpt_path, rows=(64, 320), repeats=200):
     zeros = sum(int((w == 0).sum()) for w in step.values()) / sum(w.numel() for w in step.values())
     out = []
     for R in rows:
-        dense = sparse = 0.0
+        seconds = {"dense": 0.0, "sparse": 0.0}
         for w in step.values():
             with warnings.catch_warnings():      # "Sparse CSR tensor support is in beta state"
                 warnings.simplefilter("ignore")
                 x, w_csr = torch.randn(R, w.size(1)), w.to_sparse_csr()
             torch.testing.assert_close(torch.sparse.mm(w_csr, x.t()).t(), x @ w.t())   # the same product
-            for product, add_to in ((lambda: x @ w.t(), "dense"), (lambda: torch.sparse.mm(w_csr, x.t()), "sparse")):
+            products = {"dense": lambda: x @ w.t(), "sparse": lambda: torch.sparse.mm(w_csr, x.t())}
+            for kind, product in products.items():
                 product()                                               # warm-up
                 t0 = time.perf_counter()
                 for _ in range(repeats):
                     product()
-                seconds = (time.perf_counter() - t0) / repeats
-                dense, sparse = (dense + seconds, sparse) if add_to == "dense" else (dense, sparse + seconds)
+                seconds[kind] += (time.perf_counter() - t0) / repeats
+        dense, sparse = seconds["dense"], seconds["sparse"]
         out.append({"rows": R, "matrices": len(step), "zero_fraction": zeros, "dense_s": dense, "sparse_s": sparse})
         print(f"{R} rows: the decoder step's {len(step)} products, {100 * zeros:.0f}% zeros: dense "
               f"{1e6 * dense:,.0f} us, CSR sparse {1e6 * sparse:,.0f} us (sparse at {dense / sparse:.2f}x "
