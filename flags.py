@@ -123,7 +123,7 @@ DEFAULT_OPTIM = {"lstm": "sgd", "t5": "adafactor"}   # --optim by architecture: 
 # (The --relation-*-layer flags depend on the models: kd_losses.make_distillation checks them.)
 NUMBER_RANGES = [
     ("a positive number", lambda x: x > 0, "batch_size batch_tokens max_len epochs max_steps patience eval_every"
-     " threads relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff accum"),
+     " decay_patience threads relation_heads layers dec_layers hidden emb_dim d_model heads d_kv d_ff accum"),
     ("positive and finite", lambda x: 0 < x < math.inf, "lr kd_temperature mean_span_length time_limit"),
     ("0 or more", lambda x: x >= 0, "sentinels decay_after keep_epochs"),
     ("0 or more and finite", lambda x: 0 <= x < math.inf, "weight_decay clip save_every"),
@@ -233,6 +233,9 @@ def add_optimisation_flags(parser) -> None:
     g.add_argument("--decay-on-plateau", action=argparse.BooleanOptionalAction,
                    help="halve the learning rate when the validation --best-metric gets worse from one evaluation "
                         "to the next (perplexity rises, BLEU falls) (default: off; on with the paper presets)")
+    g.add_argument("--decay-patience", type=int, metavar="K", help="with --decay-on-plateau: halve only after K "
+                   "evaluations in a row without a new best --best-metric (and again after each K more), so that "
+                   "a noisy dip on a rising curve keeps the rate (default: halve on every dip)")
     g.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="raise the learning rate linearly "
                    "from lr/STEPS to lr over STEPS steps (Vaswani et al. 2017) (default: %(default)s, none)")
     g.add_argument("--lr-decay", type=float, default=0.5, metavar="F",
@@ -371,6 +374,8 @@ def resolve_defaults(args) -> None:
     if args.batch_tokens is not None:
         args.batch_size = None
     check_numbers(args)
+    if args.decay_patience and not args.decay_on_plateau:
+        raise UserError("--decay-patience counts evaluations for --decay-on-plateau: add it, or drop --decay-patience")
     kd_losses.resolve_distillation_flags(args)  # --kd, --kd-alpha, --relation-terms
     check_save_dir(args.save_dir)
 

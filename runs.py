@@ -143,8 +143,14 @@ class Progress:
     best_valid_bleu: float = -1.0
     prev_valid_ppl: float = math.inf   # for --decay-on-plateau (--best-metric ppl)
     prev_valid_bleu: float = -1.0      # for --decay-on-plateau (--best-metric bleu)
-    evals_since_best: int = 0      # for --patience
+    evals_since_best: int = 0      # for --patience and --decay-patience
     elapsed: float = 0.0           # seconds of this run, over all its resumptions
+
+    def improves(self, record: dict, metric: str) -> bool:
+        """Whether an evaluation's row beats the best so far on metric ("ppl" or "bleu")."""
+        if metric == "ppl":
+            return record["valid_ppl"] < self.best_valid_ppl
+        return record["valid_bleu"] > self.best_valid_bleu
 
 
 def rng_states() -> dict:
@@ -214,6 +220,14 @@ def from_process_0(value, world: int):
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def share_of_batch(examples, mine, whole, normalize: str) -> float:
+    """This process's part `mine` of the `whole` step (example indices: its batch, or its --accum batches),
+    in what --normalize divides by: target tokens (with EOS) or sentences."""
+    def size(idxs):
+        return sum(len(examples[i][1]) + 1 for i in idxs) if normalize == "tokens" else len(idxs)
+    return size(mine) / size(whole)
 
 
 def sum_over_processes(value: torch.Tensor, world: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from model import (build_model, count_params, eval_mode, load_checkpoint, model_
                    save_checkpoint)
 from runs import (Progress, StopOnCtrlC, append_line, end_processes, epoch_checkpoints, exit_script, from_process_0,
                   leave_together, lock, progress_meter, restore_log, rng_states, set_rng_states, setup_processes,
-                  starting_checkpoints, sum_over_processes, write_run_record)
+                  share_of_batch, starting_checkpoints, sum_over_processes, write_run_record)
 
 
 # Batches ----------------------------------------------------------------------
@@ -102,15 +102,7 @@ def save(run, path: Path, with_optimizer=True, **extra) -> None:
 # the average is the whole step's gradient and every process clips and steps identically. Process 0 alone
 # evaluates, prints and saves; the others wait for its figures (the lr schedule needs them). Processes 1..N-1
 # draw dropout from their own streams, reseeded at the start of a run, so a resumed run under torchrun
-# repeats the uninterrupted one except for those masks.
-
-
-def share_of_batch(examples, mine, whole, normalize: str) -> float:
-    """This process's part `mine` of the `whole` step (example indices: its batch, or its --accum batches),
-    in what --normalize divides by: target tokens (with EOS) or sentences."""
-    def size(idxs):
-        return sum(len(examples[i][1]) + 1 for i in idxs) if normalize == "tokens" else len(idxs)
-    return size(mine) / size(whole)
+# repeats the uninterrupted one except for those masks. (Each share's weight: runs.share_of_batch.)
 
 
 # The run: setup, train_loop, finish -------------------------------------------
@@ -387,16 +379,24 @@ def evaluate(run: Run, stopped) -> dict:
 
 
 def schedule_lr(run: Run, record, epoch_ended: bool) -> None:
-    """Luong et al. (2015): halve the rate after each epoch past --decay-after, or when the validation --best-metric
-    got worse since the last evaluation (a Seq-KD student's reference perplexity can rise while its BLEU climbs)."""
+    """Luong et al. (2015): halve the rate after each epoch past --decay-after, or on a plateau of the validation
+    --best-metric: when it got worse since the last evaluation (a Seq-KD student's reference perplexity can rise
+    while its BLEU climbs) or, with --decay-patience K, after every K evaluations in a row without a new best."""
     args, progress = run.args, run.progress
-    plateau = record and args.decay_on_plateau
     if epoch_ended and args.decay_after is not None and progress.epoch > args.decay_after:
         set_lr(run, progress.lr * args.lr_decay, f"epoch {progress.epoch} > --decay-after {args.decay_after}")
-    elif plateau and args.best_metric == "ppl" and record["valid_ppl"] > progress.prev_valid_ppl:
-        set_lr(run, progress.lr * args.lr_decay, f"validation perplexity rose from {progress.prev_valid_ppl:.2f}")
-    elif plateau and args.best_metric == "bleu" and record["valid_bleu"] < progress.prev_valid_bleu:
-        set_lr(run, progress.lr * args.lr_decay, f"validation BLEU fell from {progress.prev_valid_bleu:.2f}")
+    elif record and args.decay_on_plateau:
+        misses = 0 if progress.improves(record, args.best_metric) else progress.evals_since_best + 1
+        ppl, bleu = record["valid_ppl"], record["valid_bleu"]
+        if args.decay_patience:
+            why = misses and misses % args.decay_patience == 0 and f"no better valid {args.best_metric} in {misses} " \
+                "evaluations (--decay-patience)"
+        elif args.best_metric == "ppl":
+            why = ppl > progress.prev_valid_ppl and f"validation perplexity rose from {progress.prev_valid_ppl:.2f}"
+        else:
+            why = bleu < progress.prev_valid_bleu and f"validation BLEU fell from {progress.prev_valid_bleu:.2f}"
+        if why:
+            set_lr(run, progress.lr * args.lr_decay, why)
     if record:
         progress.prev_valid_ppl, progress.prev_valid_bleu = record["valid_ppl"], record["valid_bleu"]
 
@@ -424,10 +424,10 @@ def save_checkpoints(run: Run, record) -> None:
     """After an evaluation: best.pt (no optimizer state: it is for decoding and --init) when better, last.pt,
     then the log row. A crash between any two writes leaves log and last.pt consistent: last.pt holds the row
     and the log's rows with it, --resume makes the log those (a crash before last.pt repeats the evaluation)."""
-    progress, ppl, bleu = run.progress, record["valid_ppl"], record["valid_bleu"]
-    better = ppl < progress.best_valid_ppl if run.args.best_metric == "ppl" else bleu > progress.best_valid_bleu
-    progress.best_valid_ppl = min(progress.best_valid_ppl, ppl)
-    progress.best_valid_bleu = max(progress.best_valid_bleu, bleu)
+    progress = run.progress
+    better = progress.improves(record, run.args.best_metric)
+    progress.best_valid_ppl = min(progress.best_valid_ppl, record["valid_ppl"])
+    progress.best_valid_bleu = max(progress.best_valid_bleu, record["valid_bleu"])
     progress.evals_since_best = 0 if better else progress.evals_since_best + 1
     if better:
         save(run, run.best_path, with_optimizer=False)

@@ -63,8 +63,10 @@ SETTINGS = {
     # needs 8-9 hours of both cores, longer than a session keeps its run folder. Sentencepiece 3,000
     # pieces per side; teacher 2x128 with 128-dim embeddings (1.73m parameters), student 2x64 with
     # 64-dim embeddings (0.42 of the teacher; its recurrent and attention weights 1/4 of the
-    # teacher's); Adam at 5e-3, the validation sweep's rate for the 2x192 student. Every model trains
-    # until its validation BLEU has not improved for 3 epochs, halving the rate when it falls.
+    # teacher's); Adam at 5e-3, the validation sweep's rate for the 2x192 student. The teacher trains
+    # until its validation BLEU has not improved for 3 epochs, halving the rate whenever it falls;
+    # the students halve only after 2 epochs without a new best and stop after 5 (student_schedule):
+    # halving on every dip kept a Seq-KD student on its first plateau (BENCHMARKS.md, 2026-12-03).
     # Rows: the teacher, and the baseline and Seq-KD students with three seeds (2 hours of both
     # cores), then, added to the same run folder in a second session, the teacher fine-tuned on
     # Seq-Inter data and the Word-KD students (each 2.2x the time of a baseline: about an hour). The
@@ -74,6 +76,7 @@ SETTINGS = {
         teacher=["--layers", "2", "--hidden", "128", "--emb-dim", "128", "--bidirectional", "--dropout", "0.3"],
         student=["--layers", "2", "--hidden", "64", "--emb-dim", "64", "--bidirectional", "--dropout", "0.2"],
         optim=["--optim", "adam", "--batch-size", "64", "--decay-on-plateau", "--patience", "3"],
+        student_schedule=["--decay-patience", "2", "--patience", "5"],   # every student row, after optim
         teacher_lr=5e-3,      # Adam
         lr=5e-3,              # Adam, the students
         finetune_lr=5e-4,     # Seq-Inter fine-tuning: 10x smaller (the paper fine-tunes with a smaller rate)
@@ -99,6 +102,7 @@ SETTINGS = {
         teacher=["--layers", "1", "--hidden", "128", "--emb-dim", "64", "--bidirectional", "--dropout", "0.1"],
         student=["--layers", "1", "--hidden", "64", "--emb-dim", "32", "--bidirectional", "--dropout", "0.1"],
         optim=["--optim", "adam", "--batch-size", "32"],
+        student_schedule=[],
         teacher_lr=5e-3,
         lr=5e-3,
         finetune_lr=5e-4,
@@ -331,8 +335,9 @@ def run(args):
             else:          # the student's size, the teacher's vocabularies
                 flags = train_on(data[learns_from], S["student_epochs"], S["lr"]) + S["student"]
                 flags += ["--vocab-from", str(teacher_vocab)]
+            flags += S["student_schedule"] + ["--seed", str(seed)] + (word_kd if kd else [])
             jobs.append((needs, partial(train_step, f"step 5: {name}, seed {seed}", run_dir / f"{folder}_s{seed}",
-                                        flags + ["--seed", str(seed)] + (word_kd if kd else []))))
+                                        flags)))
     steps.run_jobs(jobs)
     if not steps.claim(run_dir / "table.running", "steps 6 and 7", wait=False):
         print("another process of this command is writing the table: it ends this one")

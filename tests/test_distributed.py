@@ -92,6 +92,7 @@ def test_torchrun_refuses_what_needs_one_process(tiny_teacher, monkeypatch, flag
 
 import json  # noqa: E402
 
+import runs  # noqa: E402
 import train  # noqa: E402
 
 
@@ -136,5 +137,5 @@ def test_train_two_processes_take_the_steps_of_one_and_resume(tmp_path):
 def test_share_of_batch_counts_what_normalize_divides_by():
     examples = [([5], [6, 7]), ([5, 5], [6]), ([5], [6, 6, 6])]
     whole, mine = [0, 1, 2], [0, 2]                       # targets of 2, 1, 3 tokens, + EOS each
-    assert train.share_of_batch(examples, mine, whole, "tokens") == (3 + 4) / (3 + 2 + 4)
-    assert train.share_of_batch(examples, mine, whole, "sents") == 2 / 3
+    assert runs.share_of_batch(examples, mine, whole, "tokens") == (3 + 4) / (3 + 2 + 4)
+    assert runs.share_of_batch(examples, mine, whole, "sents") == 2 / 3

@@ -96,7 +96,8 @@ def test_the_evaluation_decoding_reports_its_progress_to_a_log(corpus, three_epo
 ])
 def test_decay_on_plateau_watches_the_best_metric(metric, evaluations, halved_after):
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    args = SimpleNamespace(decay_after=None, decay_on_plateau=True, best_metric=metric, lr_decay=0.5)
+    args = SimpleNamespace(decay_after=None, decay_on_plateau=True, decay_patience=None, best_metric=metric,
+                           lr_decay=0.5)
     run = SimpleNamespace(args=args, progress=runs.Progress(lr=1.0), optimizer=optimizer)
     halved = []
     for i, (ppl, bleu) in enumerate(evaluations, 1):
@@ -106,6 +107,33 @@ def test_decay_on_plateau_watches_the_best_metric(metric, evaluations, halved_af
             halved.append(i)
     assert halved == halved_after
     assert optimizer.param_groups[0]["lr"] == 0.5 ** len(halved_after)
+
+
+def test_decay_patience_halves_after_k_evaluations_without_a_new_best():
+    """--decay-patience 2 on a noisy rising BLEU curve: the dips at evaluations 2, 4 and 7 (each of which halves
+    the rate without it) are followed by a new best or one miss only; it halves at 5 (best 12 at 3, then 11, 11.5),
+    at 8 (best 13 at 6, then 12, 12.5) and again at 10, two misses later."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    args = SimpleNamespace(decay_after=None, decay_on_plateau=True, decay_patience=2, best_metric="bleu",
+                           lr_decay=0.5)
+    progress = runs.Progress(lr=1.0)
+    run = SimpleNamespace(args=args, progress=progress, optimizer=optimizer)
+    halved = []
+    for i, bleu in enumerate([10, 9, 12, 11, 11.5, 13, 12, 12.5, 12.8, 12.9], 1):
+        lr, record = progress.lr, {"valid_ppl": 5.0, "valid_bleu": bleu}
+        train.schedule_lr(run, record, epoch_ended=True)
+        better = progress.improves(record, "bleu")        # what save_checkpoints then counts
+        progress.best_valid_bleu = max(progress.best_valid_bleu, bleu)
+        progress.evals_since_best = 0 if better else progress.evals_since_best + 1
+        if progress.lr < lr:
+            halved.append(i)
+    assert halved == [5, 8, 10]
+    assert optimizer.param_groups[0]["lr"] == 0.125
+
+
+def test_decay_patience_needs_decay_on_plateau():
+    with pytest.raises(SystemExit, match="--decay-patience counts evaluations for --decay-on-plateau"):
+        train.main(["--decay-patience", "2", "--no-decay-on-plateau"])
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPU cores")
