@@ -223,6 +223,7 @@ def test_seed_claims_need_the_mean_every_seed_and_every_p_value():
     claims = recipe.seed_claims(gains, significant)
     assert [verdict for _, verdict, _ in claims] == ["holds"] * 6
     assert claims[0][2].startswith("mean +4.50 (seed 1: +5.00, p = 0.001; seed 2: +4.50")
+    assert claims[4][2] == "19.60 vs 19.50 (one model of each)"   # the teachers: no per-seed list
     one_weak = {**significant, ("student_seqkd", 2): 0.2}
     assert recipe.seed_claims(gains, one_weak)[0][1] == "not significant"
     # the mean gains (+1.67) but seed 3 loses: not significant, even with every p < 0.05; the
