@@ -80,8 +80,8 @@ SETTINGS = {
         teacher_lr=5e-3,      # Adam
         lr=5e-3,              # Adam, the students
         finetune_lr=5e-4,     # Seq-Inter fine-tuning: 10x smaller (the paper fine-tunes with a smaller rate)
-        teacher_epochs=30,    # ceilings (in the 2026-12-03 run one Seq-KD student reached it)
-        student_epochs=30,
+        teacher_epochs=30,    # ceilings (in the 2026-12-03 run one Seq-KD student reached it; with the
+        student_epochs=50,    # students' longer schedule a baseline was still at 5e-3 and rising at epoch 22)
         finetune_epochs=10,
         kd_alpha=0.5,         # the paper's alpha, T = 1
         seqkd_beam=5,         # the paper's K for Seq-KD data
