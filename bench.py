@@ -4,6 +4,7 @@
     python bench.py --sizes 2x500 --json out.json
     python bench.py --memory kim-rush-teacher --memory-batches 64,128     # peak memory of a step
     python bench.py --sparse pruned.pt --threads 2     # a pruned model's products: dense vs sparse
+    python bench.py --bound --sizes 2x500 --threads 1  # the share of time in matrix products: the limit
 
 Training: random sentences of 5-20 tokens over a 500-word vocabulary, 64 sentences a batch
 (bucketed by length, as train.py batches), general attention, input feeding, dropout 0.2, Adam,
@@ -17,8 +18,10 @@ source (max_len_a=1, max_len_b=0), which is how long a real translation roughly 
 source words per second over the whole set, batches of 32 sentences.
 """
 import argparse
+import math
 import platform
 import resource
+import statistics
 import time
 import warnings
 
@@ -64,6 +67,51 @@ def decoder_product_shapes(cfg, batch, tgt_len):
     return [shape for m, k, n, c in forward for shape in ((m, k, n, c), (m, n, k, c), (k, m, n, c))]
 
 
+PRODUCTS = {"aten::addmm": 3, "aten::mm": 2, "aten::bmm": 2}      # op: how many of its inputs are tensors
+FUSED_LSTM = ("aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward")   # the encoder's nn.LSTM
+
+
+def product_macs(shapes):
+    """Multiply-adds of a matrix product from its input shapes: addmm (bias, (m, k), (k, n)),
+    mm ((m, k), (k, n)) or bmm ((b, m, k), (b, k, n))."""
+    a, b = shapes[-2:]
+    return math.prod(a) * b[-1]
+
+
+def product_bound(work, repeats=11):
+    """How much faster could `work` (a function) run if everything but its matrix products took no
+    time? It is run once to warm up, timed, then run under torch.profiler to record every product's
+    shapes, and each product is timed alone on fresh tensors of those shapes (the median of
+    `repeats`; the encoder's fused LSTM, which does its own products, counts at its profiled time).
+    Returns the seconds of `work`, of its products alone, their multiply-adds, and `bound` = work /
+    products: the highest speed-up that any implementation doing the same products can reach on
+    this machine and thread count. (An upper bound: a product timed alone finds its inputs in the
+    cache and its output's memory ready.)"""
+    work()
+    t0 = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - t0
+    with torch.profiler.profile(record_shapes=True) as prof:
+        work()
+    products = macs = 0.0
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key in FUSED_LSTM:
+            products += event.self_cpu_time_total / 1e6
+        if event.key not in PRODUCTS:
+            continue
+        op = getattr(torch, event.key.split("::")[1])
+        inputs = [torch.randn(shape) for shape in event.input_shapes[:PRODUCTS[event.key]]]
+        op(*inputs)                                                     # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            op(*inputs)
+            times.append(time.perf_counter() - t0)
+        products += statistics.median(times) * event.count
+        macs += product_macs(event.input_shapes[:PRODUCTS[event.key]]) * event.count
+    return {"seconds": seconds, "product_seconds": products, "product_macs": macs, "bound": seconds / products}
+
+
 def random_examples(n, vocab, min_len=5, max_len=20, seed=0):
     """n (src_ids, tgt_ids) pairs of random lengths in [min_len, max_len], ids from the vocabulary."""
     g = torch.Generator().manual_seed(seed)
@@ -92,23 +140,32 @@ def forward_macs(cfg, src_len, tgt_len):
     return src_len * (enc + keys) + tgt_len * dec
 
 
+def training_batches(examples, batch_size, count, seed=0):
+    """`count` batches of `examples`, bucketed by length as train.py batches them, repeated as needed."""
+    batches = data.batches(examples, batch_size=batch_size, shuffle=True, seed=seed)
+    return (batches * (1 + count // len(batches)))[:count]
+
+
+def train_step(model, optimizer, b):
+    """One full training step: forward, the NLL averaged over target tokens, backward, clipping at 5, update."""
+    logits, _ = model(b.src, b.src_mask, b.tgt_in)
+    loss = F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=data.PAD)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    optimizer.step()
+
+
 def bench_train(cfg, examples, batch_size=64, steps=20, warmup=3, seed=0):
     """Time full training steps. Returns target tokens/s and achieved GFLOP/s."""
     torch.manual_seed(seed)
     model = M.Seq2Seq(cfg).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batches = data.batches(examples, batch_size=batch_size, shuffle=True, seed=seed)
-    batches = (batches * (1 + (steps + warmup) // len(batches)))[:steps + warmup]
     tokens = flops = 0
-    for i, b in enumerate(batches):
+    for i, b in enumerate(training_batches(examples, batch_size, steps + warmup, seed)):
         if i == warmup:
             t0, tokens, flops = time.perf_counter(), 0, 0
-        logits, _ = model(b.src, b.src_mask, b.tgt_in)
-        loss = F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=data.PAD)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
+        train_step(model, optimizer, b)
         tokens += b.ntokens
         # padded shapes are what the hardware computes
         flops += 3 * 2 * b.src.size(0) * forward_macs(cfg, b.src.size(1), b.tgt_in.size(1))
@@ -116,21 +173,42 @@ def bench_train(cfg, examples, batch_size=64, steps=20, warmup=3, seed=0):
     return {"train_tok_s": tokens / seconds, "train_gflops": flops / seconds / 1e9}
 
 
-@torch.no_grad()
-def bench_decode(cfg, examples, beam_size, batch_size=32, seed=0):
-    """Source words/s of greedy (beam_size 1) or beam search over the source sides of `examples`."""
+def bounds(cfg, train_set, decode_set, batch_size=64, steps=20, beam_size=5, seed=0):
+    """product_bound of `steps` training steps and of greedy and beam-search decoding of the
+    sources of `decode_set` (models of `cfg` with random weights; decoding with a fresh one)."""
+    torch.manual_seed(seed)
+    model = M.Seq2Seq(cfg).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = training_batches(train_set, batch_size, steps, seed)
+    out = {"train": product_bound(lambda: [train_step(model, optimizer, b) for b in batches])}
     torch.manual_seed(seed)
     model = M.Seq2Seq(cfg).eval()
-    srcs = sorted((s for s, _ in examples), key=len)
-    words = sum(len(s) for s in srcs)
-    t0 = time.perf_counter()
+    srcs = sorted((s for s, _ in decode_set), key=len)
+    for name, k in (("greedy", 1), (f"beam{beam_size}", beam_size)):
+        out[name] = product_bound(lambda: decode_all(model, srcs, k))
+    return out
+
+
+@torch.no_grad()
+def decode_all(model, srcs, beam_size, batch_size=32):
+    """Greedy (beam_size 1) or beam search over source token lists, in batches of `batch_size`; every
+    output at most as long as its source (max_len_a=1, max_len_b=0)."""
     for i in range(0, len(srcs), batch_size):
         src = data.pad(srcs[i:i + batch_size])                                 # (B, S)
         if beam_size == 1:
             beam.greedy(model, src, src != data.PAD, max_len_a=1.0, max_len_b=0)
         else:
             beam.beam_search(model, src, src != data.PAD, beam=beam_size, max_len_a=1.0, max_len_b=0)
-    return words / (time.perf_counter() - t0)
+
+
+def bench_decode(cfg, examples, beam_size, batch_size=32, seed=0):
+    """Source words/s of greedy (beam_size 1) or beam search over the source sides of `examples`."""
+    torch.manual_seed(seed)
+    model = M.Seq2Seq(cfg).eval()
+    srcs = sorted((s for s, _ in examples), key=len)
+    t0 = time.perf_counter()
+    decode_all(model, srcs, beam_size, batch_size)
+    return sum(len(s) for s in srcs) / (time.perf_counter() - t0)
 
 
 def step_memory(preset, batch_sizes, length=50, vocab=50000, device="cpu"):
@@ -224,6 +302,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="with --memory: auto, cpu or cuda")
     p.add_argument("--sparse", metavar="CKPT", default=None,
                    help="instead: a pruned checkpoint's decoder products, dense against sparse (CSR)")
+    p.add_argument("--bound", action="store_true", help="instead: for the first of --sizes, the share of "
+                   "training and decoding time spent in matrix products, and so the highest possible speed-up")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,6 +312,18 @@ def main(argv=None):
         if args.json:
             runs.write_json(rows, args.json)
         return rows
+    if args.bound:
+        cfg = parse_size(args.sizes.split(",")[0], args.vocab)
+        result = bounds(cfg, random_examples(args.batch_size * 8, args.vocab, seed=1),
+                        random_examples(args.decode_sentences, args.vocab, seed=2), args.batch_size,
+                        args.steps, args.beam)
+        for name, r in result.items():
+            print(f"{name}: {r['seconds']:.2f} s, of which its matrix products alone "
+                  f"{r['product_seconds']:.2f} s ({100 / r['bound']:.0f}%, {2 * r['product_macs'] / 1e9:.1f} GFLOP): "
+                  f"nothing doing these products runs more than {r['bound']:.2f}x faster", flush=True)
+        if args.json:
+            runs.write_json(result, args.json)
+        return result
     if args.memory:
         rows = step_memory(args.memory, [int(b) for b in args.memory_batches.split(",")],
                            vocab=args.memory_vocab, device=M.pick_device(args.device))

@@ -63,3 +63,20 @@ def test_sparse_vs_dense_times_the_decoder_products_of_a_pruned_model(tmp_path):
     # W_e, W.0, W.1 (or as many as the layers), the attention, W_c and the output layer
     assert all(r["matrices"] == len(step) >= 4 and r["zero_fraction"] == zeros for r in rows)
     assert 0.2 < zeros < 0.8 and all(r["dense_s"] > 0 and r["sparse_s"] > 0 for r in rows)
+
+
+def test_product_bound_counts_the_products_of_greedy_search_by_hand():
+    # Greedy search of 2 sentences of 3 tokens, every output forced to 3 tokens (</s> made
+    # impossible before the last step): the decoder's products per token are forward_macs' minus
+    # the encoder (the fused nn.LSTM, not an aten product): 472 / 2 = 236 per token, and the
+    # general keys once per source token, 16 -> 2 * (3 * 236 + 3 * 16) = 1,512 multiply-adds.
+    import torch
+    import data
+    cfg = tiny_cfg()
+    model = M.Seq2Seq(cfg).eval()
+    with torch.no_grad():
+        model.generator.bias[data.EOS] = -1e9
+    src = torch.tensor([[4, 5, 6], [7, 8, 4]])
+    result = bench.product_bound(lambda: bench.decode_all(model, src.tolist(), beam_size=1), repeats=1)
+    assert result["product_macs"] == 2 * (3 * 236 + 3 * 16)
+    assert result["bound"] >= 1.0 and result["product_seconds"] > 0
