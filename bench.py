@@ -284,6 +284,21 @@ def parse_size(text, vocab):
                         layers=layers, attention="general", input_feed=True, dropout=0.2)
 
 
+def print_bounds(args):
+    """--bound: `bounds` for the first of --sizes, printed (and written to --json)."""
+    cfg = parse_size(args.sizes.split(",")[0], args.vocab)
+    result = bounds(cfg, random_examples(args.batch_size * 8, args.vocab, seed=1),
+                    random_examples(args.decode_sentences, args.vocab, seed=2), args.batch_size,
+                    args.steps, args.beam)
+    for name, r in result.items():
+        print(f"{name}: {r['seconds']:.2f} s, of which its matrix products alone "
+              f"{r['product_seconds']:.2f} s ({100 / r['bound']:.0f}%, {2 * r['product_macs'] / 1e9:.1f} GFLOP): "
+              f"nothing doing these products runs more than {r['bound']:.2f}x faster", flush=True)
+    if args.json:
+        runs.write_json(result, args.json)
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="2x500,4x1000", help="comma-separated LAYERSxHIDDEN LSTM sizes")
@@ -313,17 +328,7 @@ def main(argv=None):
             runs.write_json(rows, args.json)
         return rows
     if args.bound:
-        cfg = parse_size(args.sizes.split(",")[0], args.vocab)
-        result = bounds(cfg, random_examples(args.batch_size * 8, args.vocab, seed=1),
-                        random_examples(args.decode_sentences, args.vocab, seed=2), args.batch_size,
-                        args.steps, args.beam)
-        for name, r in result.items():
-            print(f"{name}: {r['seconds']:.2f} s, of which its matrix products alone "
-                  f"{r['product_seconds']:.2f} s ({100 / r['bound']:.0f}%, {2 * r['product_macs'] / 1e9:.1f} GFLOP): "
-                  f"nothing doing these products runs more than {r['bound']:.2f}x faster", flush=True)
-        if args.json:
-            runs.write_json(result, args.json)
-        return result
+        return print_bounds(args)
     if args.memory:
         rows = step_memory(args.memory, [int(b) for b in args.memory_batches.split(",")],
                            vocab=args.memory_vocab, device=M.pick_device(args.device))

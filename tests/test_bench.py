@@ -33,6 +33,9 @@ def test_measurements_run_on_a_tiny_model():
     assert train["train_tok_s"] > 0 and train["train_gflops"] > 0
     assert bench.bench_decode(cfg, examples, beam_size=1) > 0
     assert bench.bench_decode(cfg, examples, beam_size=3) > 0
+    bound = bench.main(["--bound", "--sizes", "1x4", "--vocab", "9", "--steps", "1", "--batch-size", "4",
+                        "--decode-sentences", "4", "--beam", "3"])
+    assert sorted(bound) == ["beam3", "greedy", "train"] and all(r["product_macs"] > 0 for r in bound.values())
 
 
 def test_decoder_product_shapes_count_the_decoders_multiply_adds_three_times():
