@@ -75,8 +75,9 @@ SETTINGS = {
         tokenizer=["--tokenizer", "spm", "--src-vocab-size", "3000", "--tgt-vocab-size", "3000"],
         teacher=["--layers", "2", "--hidden", "128", "--emb-dim", "128", "--bidirectional", "--dropout", "0.3"],
         student=["--layers", "2", "--hidden", "64", "--emb-dim", "64", "--bidirectional", "--dropout", "0.2"],
-        optim=["--optim", "adam", "--batch-size", "64", "--decay-on-plateau", "--patience", "3"],
-        student_schedule=["--decay-patience", "2", "--patience", "5"],   # every student row, after optim
+        optim=["--optim", "adam", "--batch-size", "64"],
+        teacher_schedule=["--decay-on-plateau", "--patience", "3"],      # the teacher and its fine-tuning
+        student_schedule=["--decay-on-plateau", "--decay-patience", "2", "--patience", "5"],   # every student row
         teacher_lr=5e-3,      # Adam
         lr=5e-3,              # Adam, the students
         finetune_lr=5e-4,     # Seq-Inter fine-tuning: 10x smaller (the paper fine-tunes with a smaller rate)
@@ -104,6 +105,7 @@ SETTINGS = {
         teacher=["--layers", "1", "--hidden", "128", "--emb-dim", "64", "--bidirectional", "--dropout", "0.1"],
         student=["--layers", "1", "--hidden", "32", "--emb-dim", "16", "--bidirectional", "--dropout", "0.0"],
         optim=["--optim", "adam", "--batch-size", "32"],
+        teacher_schedule=[],  # a fixed 6 epochs at one rate
         student_schedule=["--decay-on-plateau", "--decay-patience", "2", "--patience", "4"],
         teacher_lr=5e-3,
         lr=5e-3,
@@ -290,13 +292,14 @@ def run(args):
     (train_src, train_ref), (valid_src, valid_ref), (test_src, test_ref) = files["train"], files["valid"], files["test"]
     rows = [(name, folder) for name, folder in ROWS if S["rows"] is None or folder in S["rows"]]
     folders = [folder for _, folder in rows]
-    # Flags every training shares: the validation data, the optimiser, seed and device.
-    common = ["--valid-src", valid_src, "--valid-tgt", valid_ref, *S["optim"],
-              "--best-metric", "bleu", "--seed", str(args.seed), "--device", args.device]
+    # Flags every training shares: the validation data, the optimiser and device.
+    common = ["--valid-src", valid_src, "--valid-tgt", valid_ref, *S["optim"], "--best-metric", "bleu",
+              "--device", args.device]
 
-    def train_on(tgt_file, epochs, lr):
-        return ["--train-src", train_src, "--train-tgt", tgt_file, *common,
-                "--epochs", str(epochs), "--lr", str(lr)]
+    def train_on(tgt_file, epochs, lr, schedule, seed):
+        return ["--train-src", train_src, "--train-tgt", tgt_file, *common, *schedule,
+                "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed)]
+    teach = partial(train_on, schedule=S["teacher_schedule"], seed=args.seed)   # the teacher's trainings
 
     data = {"ref": train_ref, "seqkd": str(run_dir / "distill" / f"train.seqkd.{tgt}"),
             "seqinter": str(run_dir / "distill" / f"train.seqinter.{tgt}")}
@@ -309,7 +312,7 @@ def run(args):
     K = S["seqinter_beam"]
     # Each job: (the files it needs, the step); run_jobs runs them in order as their inputs appear.
     jobs = [([], partial(train_step, "step 1: train the teacher (NLL on the references)", teacher_dir,
-                         train_on(train_ref, S["teacher_epochs"], S["teacher_lr"]) + S["tokenizer"] + S["teacher"])),
+                         teach(train_ref, S["teacher_epochs"], S["teacher_lr"]) + S["tokenizer"] + S["teacher"])),
             ([teacher_done], partial(
                 translate_step, f"step 2: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the "
                 "training source", data["seqkd"], ["--ckpt", teacher, "--src", train_src, "--beam",
@@ -324,7 +327,7 @@ def run(args):
         jobs.append(([data["seqinter"]], partial(
             train_step, "step 4: teacher + Seq-Inter (fine-tune the teacher on the Seq-Inter data)",
             run_dir / "teacher_seqinter",
-            train_on(data["seqinter"], S["finetune_epochs"], S["finetune_lr"]) + ["--init", teacher])))
+            teach(data["seqinter"], S["finetune_epochs"], S["finetune_lr"]) + ["--init", teacher])))
 
     # step 5: every student row, once per seed (all rows of seed 1 first: a first result early)
     for seed in S["seeds"]:
@@ -335,14 +338,15 @@ def run(args):
             # the teacher's vocabularies are in its last.pt from its first evaluation on: a baseline
             # can start then; Word-KD needs the finished teacher, Seq-KD and Seq-Inter their data
             needs = [teacher_done if kd else teacher_vocab] if learns_from == "ref" else [data[learns_from]]
+            schedule = S["student_schedule"]
             if init:       # a fine-tuning of the same seed's student, at the smaller rate
-                flags = train_on(data[learns_from], S["finetune_epochs"], S["finetune_lr"])
+                flags = train_on(data[learns_from], S["finetune_epochs"], S["finetune_lr"], schedule, seed)
                 flags += ["--init", str(run_dir / f"{init}_s{seed}" / "best.pt")]
                 needs.append(run_dir / f"{init}_s{seed}" / "done.json")
             else:          # the student's size, the teacher's vocabularies
-                flags = train_on(data[learns_from], S["student_epochs"], S["lr"]) + S["student"]
+                flags = train_on(data[learns_from], S["student_epochs"], S["lr"], schedule, seed) + S["student"]
                 flags += ["--vocab-from", str(teacher_vocab)]
-            flags += S["student_schedule"] + ["--seed", str(seed)] + (word_kd if kd else [])
+            flags += word_kd if kd else []
             jobs.append((needs, partial(train_step, f"step 5: {name}, seed {seed}", run_dir / f"{folder}_s{seed}",
                                         flags)))
     steps.run_jobs(jobs)
