@@ -1,5 +1,8 @@
 """Tests of bench.py: the multiply-add count is the hand count, and the measurements run."""
+import torch
+
 import bench
+import data
 import model as M
 
 
@@ -73,13 +76,9 @@ def test_product_bound_counts_the_products_of_greedy_search_by_hand():
     # impossible before the last step): the decoder's products per token are forward_macs' minus
     # the encoder (the fused nn.LSTM, not an aten product): 472 / 2 = 236 per token, and the
     # general keys once per source token, 16 -> 2 * (3 * 236 + 3 * 16) = 1,512 multiply-adds.
-    import torch
-    import data
-    cfg = tiny_cfg()
-    model = M.Seq2Seq(cfg).eval()
+    model = M.Seq2Seq(tiny_cfg()).eval()
     with torch.no_grad():
         model.generator.bias[data.EOS] = -1e9
-    src = torch.tensor([[4, 5, 6], [7, 8, 4]])
-    result = bench.product_bound(lambda: bench.decode_all(model, src.tolist(), beam_size=1), repeats=1)
+    result = bench.product_bound(lambda: bench.decode_all(model, [[4, 5, 6], [7, 8, 4]], beam_size=1), repeats=1)
     assert result["product_macs"] == 2 * (3 * 236 + 3 * 16)
     assert result["bound"] >= 1.0 and result["product_seconds"] > 0
