@@ -320,8 +320,7 @@ def main(argv=None):
     p.add_argument("--bound", action="store_true", help="instead: for the first of --sizes, the share of "
                    "training and decoding time spent in matrix products, and so the highest possible speed-up")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    runs.set_cpu(args.threads)
     if args.sparse:
         rows = sparse_vs_dense(args.sparse)
         if args.json:

@@ -9,6 +9,7 @@ folders: the checkpoints a run starts from, a free folder beside a taken one, th
 long decodings (translate.py, train.py's evaluations).
 """
 import contextlib
+import ctypes
 import datetime
 import importlib
 import json
@@ -191,7 +192,24 @@ class StopOnCtrlC:
             signal.signal(signal.SIGINT, self.previous)
 
 
-# 3. Several processes: torchrun --------------------------------------------------------------
+# 3. Processes: the CPU's settings, and several processes under torchrun ------------------------
+
+def set_cpu(threads: int | None) -> bool:
+    """torch's thread count (when given), and glibc's heap kept for reuse. Every training step
+    allocates and frees tensors the size of its logits (tokens x vocabulary: megabytes); glibc
+    returns freed blocks that large to the OS, and the next step faults every page of them in
+    again. Fixed thresholds keep blocks up to 32 MiB in the heap, and freed memory there: a 2x64
+    LSTM step with a 3,000-piece softmax ran 1.2-1.4x faster (BENCHMARKS.md, "Sixth session").
+    Without glibc (macOS, Windows) only the thread count is set. Returns whether the heap's were."""
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return (libc.mallopt(-3, 32 << 20) == 1       # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+            and libc.mallopt(-1, 1 << 30) == 1)   # M_TRIM_THRESHOLD: and stay there when freed (up to 1 GiB)
+
 
 def setup_processes(device, timeout_hours=2.0) -> tuple[int, int, torch.device]:
     """(rank, number of processes, device): (0, 1, device), or under torchrun (WORLD_SIZE > 1) join

@@ -33,8 +33,8 @@ from kd_losses import (DivergenceCheck, check_teacher_vocabs, compute_loss, make
 from model import (build_model, count_params, eval_mode, load_checkpoint, model_from_checkpoint, pick_device,
                    save_checkpoint)
 from runs import (Progress, StopOnCtrlC, append_line, end_processes, epoch_checkpoints, exit_script, from_process_0,
-                  leave_together, lock, progress_meter, restore_log, rng_states, set_rng_states, setup_processes,
-                  share_of_batch, starting_checkpoints, sum_over_processes, write_run_record)
+                  leave_together, lock, progress_meter, restore_log, rng_states, set_cpu, set_rng_states,
+                  setup_processes, share_of_batch, starting_checkpoints, sum_over_processes, write_run_record)
 
 
 # Batches ----------------------------------------------------------------------
@@ -137,7 +137,7 @@ def setup(args) -> Run:
     """Everything before the first step (processes, checkpoints, data, models, optimizer); returns the Run."""
     rank, world, device = setup_processes(pick_device(args.device))   # one process, or one of torchrun's N
     if args.threads or device.type == "cpu":   # on the CPU, flags.CPU_THREADS unless --threads
-        torch.set_num_threads(args.threads or CPU_THREADS)
+        set_cpu(args.threads or CPU_THREADS)
         print(f"CPU threads: {torch.get_num_threads()}" + ("" if args.threads else " (--threads N to change)"))
     torch.manual_seed(args.seed)
     random.seed(args.seed)

@@ -361,8 +361,7 @@ def load_translator(args, device):
 def run(args):
     """Translate, report or show attention as the flags say, in the precision of --autocast."""
     shard = check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    runs.set_cpu(args.threads)
     log = sys.stderr if args.out is None else sys.stdout      # keep stdout for translations
     # (taken before setup_processes silences stdout in processes > 0: each reports its shard)
     rank, world, device = runs.setup_processes(pick_device(args.device), timeout_hours=48)

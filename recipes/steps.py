@@ -256,8 +256,7 @@ def setup_run(args, settings, recipe, title):
     run folder, target language suffix, {"train"/"valid"/"test": (source file, reference file)})."""
     setting_name = "smoke" if args.smoke else "builtin" if args.builtin else "corpus"
     S = settings[setting_name]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    runs.set_cpu(args.threads)
     default_run = f"{recipe}_" + (setting_name if setting_name != "corpus" else Path(args.corpus).name)
     run_dir = Path(args.run_dir or Path("runs") / default_run)
     if args.corpus:

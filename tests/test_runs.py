@@ -1,5 +1,5 @@
 """Tests of runs.py: atomic writes (a failed write changes nothing), the lock of a run folder or an
-output file, the random-number state, and the run record (SAVE_DIR/run.json)."""
+output file, the random-number state, the run record (SAVE_DIR/run.json), the CPU settings."""
 import json
 import os
 import platform
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from data import UserError
-from runs import (append_line, code_version, lock, restore_log, rng_states, set_rng_states, write_atomically,
-                  write_json, write_run_record)
+from runs import (append_line, code_version, lock, restore_log, rng_states, set_cpu, set_rng_states,
+                  write_atomically, write_json, write_run_record)
 
 
 def test_a_failing_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
@@ -209,3 +209,15 @@ def test_epoch_checkpoints_are_ordered_by_epoch_number(tmp_path):
         (tmp_path / name).write_text("x")
     assert epoch_checkpoints(tmp_path) == [str(tmp_path / f"epoch{e}.pt") for e in (2, 9, 10)]
     assert epoch_checkpoints(tmp_path / "gone") == []
+
+
+def test_set_cpu_sets_the_thread_count_and_on_linux_the_heap():
+    before = torch.get_num_threads()
+    try:
+        applied = set_cpu(1)
+        assert torch.get_num_threads() == 1
+        assert applied == sys.platform.startswith("linux")   # glibc's mallopt accepted both settings
+        set_cpu(None)                                   # no count given: the count is kept
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
