@@ -19,7 +19,6 @@ source words per second over the whole set, batches of 32 sentences.
 """
 import argparse
 import math
-import platform
 import resource
 import statistics
 import time
@@ -352,7 +351,7 @@ def main(argv=None):
         print(f"{size}: " + ", ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v:,}"
                                       for k, v in row.items() if k != "size"), flush=True)
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"\nmachine: {runs.cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; plain {2048}x{2048} matmul: {peak:.0f} GFLOP/s\n")
     beam_key = f"beam{args.beam}_words_s"
     print(f"| LSTM | params | train tgt tok/s | train GFLOP/s | greedy src words/s | beam {args.beam} src words/s |")

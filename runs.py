@@ -364,6 +364,17 @@ def package_versions() -> dict:
     return versions
 
 
+def cpu_name() -> str:
+    """The CPU's model, e.g. "AMD EPYC": a run repeats to the last digit only on the same CPU (and
+    library builds), since another one rounds differently and the training curves drift apart."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:     # Linux
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def write_run_record(path, settings: dict, device, processes: int, resumed_at: int | None = None) -> dict:
     """Write PATH (SAVE_DIR/run.json, atomically): how the run was started, to repeat or explain it. A new run:
     {"started" (local time), "command" (the argument list), "settings" (every resolved flag, the model
@@ -373,7 +384,7 @@ def write_run_record(path, settings: dict, device, processes: int, resumed_at: i
     "code", "versions", "device", "step", "changed": the settings that differ from the record's} to its
     "resumptions" (a run from before records began gets a new record, at its step). Returns the record."""
     settings = json.loads(json.dumps(settings, default=str))      # what JSON holds of it (paths as text)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     device = {"device": str(device), "name": name, "processes": processes, "threads": torch.get_num_threads()}
     now = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "command": [sys.executable, *sys.argv], "code": code_version(os.path.dirname(os.path.abspath(__file__))),

@@ -178,6 +178,8 @@ def test_the_run_record_keeps_the_start_and_appends_each_resumption(tmp_path, mo
     assert first["versions"]["torch"] == torch.__version__ and first["versions"]["python"] == platform.python_version()
     assert (first["device"]["device"], first["device"]["processes"], first["device"]["threads"]) == (
         "cpu", 1, torch.get_num_threads())
+    if sys.platform.startswith("linux"):     # the CPU's model, as /proc/cpuinfo names it
+        assert f"model name\t: {first['device']['name']}" in open("/proc/cpuinfo").read()
     monkeypatch.setattr(sys, "argv", ["train.py", "--resume", "--lr", "0.25"])
     again = write_run_record(path, {"lr": 0.25, "init": tmp_path / "a.pt", "model": {"hidden": 16}}, cpu, 1, 30)
     assert json.loads(path.read_text()) == again
