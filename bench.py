@@ -2,6 +2,7 @@
 
     python bench.py                          # the BENCHMARKS.md table (2x500 and 4x1000 LSTMs)
     python bench.py --sizes 2x500 --json out.json
+    python bench.py --skip-train --int8 --threads 1   # decoding with float32 and with int8 weights
     python bench.py --memory kim-rush-teacher --memory-batches 64,128     # peak memory of a step
     python bench.py --sparse pruned.pt --threads 2     # a pruned model's products: dense vs sparse
     python bench.py --bound --sizes 2x500 --threads 1  # the share of time in matrix products: the limit
@@ -200,10 +201,12 @@ def decode_all(model, srcs, beam_size, batch_size=32):
             beam.beam_search(model, src, src != data.PAD, beam=beam_size, max_len_a=1.0, max_len_b=0)
 
 
-def bench_decode(cfg, examples, beam_size, batch_size=32, seed=0):
-    """Source words/s of greedy (beam_size 1) or beam search over the source sides of `examples`."""
+def bench_decode(cfg, examples, beam_size, batch_size=32, seed=0, int8=False):
+    """Source words/s of greedy (beam_size 1) or beam search over the source sides of `examples`;
+    int8: with the weights of every product in int8 (model.int8_model, as translate.py --int8)."""
     torch.manual_seed(seed)
     model = M.Seq2Seq(cfg).eval()
+    model = M.int8_model(model) if int8 else model
     srcs = sorted((s for s, _ in examples), key=len)
     t0 = time.perf_counter()
     decode_all(model, srcs, beam_size, batch_size)
@@ -308,6 +311,7 @@ def main(argv=None):
     p.add_argument("--beam", type=int, default=5, help="beam size of the beam-search measurement")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-train", action="store_true", help="measure decoding only")
+    p.add_argument("--int8", action="store_true", help="also decode with int8 weights (translate.py --int8)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--memory", metavar="PRESET", default=None,
                    help="instead: peak memory of one training step of this LSTM preset (lstm.py)")
@@ -345,12 +349,21 @@ def main(argv=None):
             row.update(bench_train(cfg, train_set, args.batch_size, args.steps))
             mean_tgt = round(sum(len(t) + 1 for _, t in train_set) / len(train_set))    # + EOS
             row["shapes_gflops"] = shapes_gflops(decoder_product_shapes(cfg, args.batch_size, mean_tgt))
-        row["greedy_words_s"] = bench_decode(cfg, decode_set, 1)
-        row[f"beam{args.beam}_words_s"] = bench_decode(cfg, decode_set, args.beam)
+        for int8 in [False, True] if args.int8 else [False]:
+            tag = "_int8" if int8 else ""
+            row[f"greedy{tag}_words_s"] = bench_decode(cfg, decode_set, 1, int8=int8)
+            row[f"beam{args.beam}{tag}_words_s"] = bench_decode(cfg, decode_set, args.beam, int8=int8)
         rows.append(row)
         print(f"{size}: " + ", ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v:,}"
                                       for k, v in row.items() if k != "size"), flush=True)
+    print_table(rows, args, peak)
+    if args.json:
+        runs.write_json({"matmul_gflops": peak, "threads": torch.get_num_threads(), "rows": rows}, args.json)
+    return rows
 
+
+def print_table(rows, args, peak):
+    """The Markdown table of main's rows, and the ratios between its columns."""
     print(f"\nmachine: {runs.cpu_name()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; plain {2048}x{2048} matmul: {peak:.0f} GFLOP/s\n")
     beam_key = f"beam{args.beam}_words_s"
@@ -365,11 +378,14 @@ def main(argv=None):
     if "2x500" in by_size and "4x1000" in by_size:
         ratio = by_size["2x500"]["greedy_words_s"] / by_size["4x1000"][beam_key]
         print(f"\ngreedy 2x500 vs beam-{args.beam} 4x1000: {ratio:.1f}x faster (Kim & Rush 2016, Table 2: 8.1x on CPU)")
+        if args.int8:
+            ratio = by_size["2x500"]["greedy_int8_words_s"] / by_size["4x1000"][beam_key]
+            print(f"greedy 2x500 int8 vs beam-{args.beam} 4x1000 float32: {ratio:.1f}x faster")
     for r in rows:
         print(f"{r['size']}: beam {args.beam} is {r['greedy_words_s'] / r[beam_key]:.1f}x slower than greedy")
-    if args.json:
-        runs.write_json({"matmul_gflops": peak, "threads": torch.get_num_threads(), "rows": rows}, args.json)
-    return rows
+        if args.int8:
+            print(f"{r['size']}: int8 is {r['greedy_int8_words_s'] / r['greedy_words_s']:.1f}x float32 greedy, "
+                  f"{r[f'beam{args.beam}_int8_words_s'] / r[beam_key]:.1f}x beam {args.beam}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ def test_measurements_run_on_a_tiny_model():
     bound = bench.main(["--bound", "--sizes", "1x4", "--vocab", "9", "--steps", "1", "--batch-size", "4",
                         "--decode-sentences", "4", "--beam", "3"])
     assert sorted(bound) == ["beam3", "greedy", "train"] and all(r["product_macs"] > 0 for r in bound.values())
+    rows = bench.main(["--skip-train", "--int8", "--sizes", "1x4", "--vocab", "9", "--decode-sentences", "4",
+                       "--beam", "3"])
+    assert sorted(k for k in rows[0] if k.endswith("words_s")) == [
+        "beam3_int8_words_s", "beam3_words_s", "greedy_int8_words_s", "greedy_words_s"]
+    assert all(v > 0 for k, v in rows[0].items() if k.endswith("words_s"))
 
 
 def test_decoder_product_shapes_count_the_decoders_multiply_adds_three_times():
