@@ -63,7 +63,14 @@ def build_model(arch, config):
 
 
 def count_params(model):
-    return sum(p.numel() for p in model.parameters())
+    """Every weight and bias, also those that int8_model's layers keep outside parameters()."""
+    n = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            n += m.weight().numel() + (0 if m.bias() is None else m.bias().numel())
+        elif isinstance(m, torch.ao.nn.quantized.dynamic.LSTM):
+            n += sum(w.numel() for w in [*m.get_weight().values(), *m.get_bias().values()])
+    return n
 
 
 @contextlib.contextmanager

@@ -141,3 +141,15 @@ def test_bf16_autocast_changes_the_products_not_the_output_type():
     gap = (bf16 - fp32).abs().max().item()
     assert 1e-5 < gap < 0.05, gap
     assert M.decoding_precision(None, torch.device("cpu")).__class__.__name__ == "nullcontext"
+
+
+def test_count_params_counts_the_int8_models_weights_too():
+    """int8_model moves the weights of nn.Linear and nn.LSTM out of parameters(); the count stays.
+    By hand for a 1x2 LSTM with 3-word vocabularies, 2-dim embeddings, no input feeding, dot attention:
+    embeddings 2 x (3 x 2) = 12; encoder LSTM 4·2·(2 + 2) + 2·4·2 = 48; decoder W_e 8·2 = 16 and
+    W_0 8·2 + 8 = 24; W_c 2·4 = 8; generator 3·2 + 3 = 9: 117."""
+    from lstm import LSTMConfig, Seq2Seq
+    cfg = LSTMConfig(src_vocab=3, tgt_vocab=3, emb_dim=2, hidden=2, layers=1, attention="dot", input_feed=False)
+    model = Seq2Seq(cfg).eval()
+    assert M.count_params(model) == 117
+    assert M.count_params(M.int8_model(model)) == 117
