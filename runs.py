@@ -199,7 +199,7 @@ def set_cpu(threads: int | None) -> bool:
     allocates and frees tensors the size of its logits (tokens x vocabulary: megabytes); glibc
     returns freed blocks that large to the OS, and the next step faults every page of them in
     again. Fixed thresholds keep blocks up to 32 MiB in the heap, and freed memory there: a 2x64
-    LSTM step with a 3,000-piece softmax ran 1.2-1.4x faster (BENCHMARKS.md, "Sixth session").
+    LSTM step with a 3,000-piece softmax ran 1.25-1.4x faster (BENCHMARKS.md, "Sixth session").
     Without glibc (macOS, Windows) only the thread count is set. Returns whether the heap's were."""
     if threads:
         torch.set_num_threads(threads)
