@@ -35,12 +35,15 @@ class-distribution at 80% (See et al. 2016, who find class-blind best). The mask
 checkpoints, and train.py puts the pruned weights back to exactly 0 after every step.
 
 Restartable (recipes/steps.py): a step whose output exists is skipped. Everything lives under
---run-dir; the table is printed at the end and written to RUN_DIR/table3.md.
+--run-dir; the table is printed at the end and written to RUN_DIR/table3.md. Two cores: run the
+same command twice, each with --threads 1; each process takes the next row the other is not
+running, and both print the table once every row is done.
 """
 import argparse
 import json
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # steps.py, next to this file
@@ -208,6 +211,19 @@ def run_row(name, amount, scheme, args, run_dir):
             "hyps_greedy": after["hyps_greedy"], "refs": after["refs"]}
 
 
+def row_job(name, amount, scheme, args, run_dir, wait):
+    """run_row, unless another process of the same command is running this row (then: wait for it,
+    or with wait=False return None at once). A row is done when its after.json exists."""
+    row_dir = run_dir / "rows" / name
+    row_dir.mkdir(parents=True, exist_ok=True)
+    done = row_dir / "after.json"
+    if not done.exists() and not steps.claim(row_dir / "row.running", name, wait, done) and not done.exists():
+        return None
+    row = run_row(name, amount, scheme, args, run_dir)
+    (row_dir / "row.running").unlink(missing_ok=True)
+    return row
+
+
 def against_control(rows):
     """Each row's greedy BLEU after retraining against the 0% row's (the control, retrained the
     same way): "delta" and sacrebleu's paired bootstrap p (1,000 resamples), in every row, when
@@ -301,13 +317,14 @@ def run(args):
         args = prepare_demo(args, run_dir)
     settings = table_rows(amounts, args.compare_at, args.schemes.split(","))
 
-    rows = []
-    for amount, scheme in settings:
-        name = f"{scheme}-{round(amount * 100):02d}"
-        rows.append(run_row(name, amount, scheme, args, run_dir))
-        # the masks held through both trainings: no pruned weight came back
-        if rows[-1]["nonzero"] > rows[-1]["nonzero_pruned"]:
-            print(f"warning: {name} has more non-zero weights after retraining than after pruning")
+    names = [f"{scheme}-{round(amount * 100):02d}" for amount, scheme in settings]
+    # two processes of the same command (each --threads 1) share the rows; then every row is read back
+    steps.run_jobs([((), partial(row_job, name, amount, scheme, args, run_dir))
+                    for name, (amount, scheme) in zip(names, settings)])
+    rows = [run_row(name, amount, scheme, args, run_dir) for name, (amount, scheme) in zip(names, settings)]
+    for row in rows:     # the masks held through both trainings: no pruned weight came back
+        if row["nonzero"] > row["nonzero_pruned"]:
+            print(f"warning: {row['name']} has more non-zero weights after retraining than after pruning")
 
     student_params = count_params(model_from_checkpoint(load_checkpoint(args.student)))
     teacher_params = count_params(model_from_checkpoint(load_checkpoint(args.teacher))) if args.teacher else None

@@ -1,6 +1,8 @@
 """recipes/prune_table3.py --table1: the inputs of Table 3 read from a Table 1 run folder. The
 folder here is hand-made (done.json files with chosen validation BLEU); no model is trained."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -112,3 +114,23 @@ def test_table_rows_class_blind_at_every_amount_then_the_schemes():
     assert prune_table3.table_rows([0.0], 0.8, ["class-blind"]) == [(0.0, "class-blind"), (0.8, "class-blind")]
     with pytest.raises(prune_table3.data.UserError, match="unknown class-wide"):
         prune_table3.table_rows([0.0], 0.8, ["class-wide"])
+
+
+def test_row_job_passes_over_a_row_another_process_runs_and_runs_a_free_one(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(prune_table3, "run_row", lambda name, *rest: calls.append(name) or {"name": name})
+    busy = tmp_path / "rows" / "class-blind-80"
+    busy.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (busy / "row.running").write_text(str(other.pid))
+        assert prune_table3.row_job("class-blind-80", 0.8, "class-blind", None, tmp_path, wait=False) is None
+        assert calls == []                                             # left to the other process
+        row = prune_table3.row_job("class-blind-50", 0.5, "class-blind", None, tmp_path, wait=False)
+        assert row == {"name": "class-blind-50"} and calls == ["class-blind-50"]
+        assert not (tmp_path / "rows" / "class-blind-50" / "row.running").exists()   # the lock is let go
+        (busy / "after.json").write_text("{}")                          # the other process finished it
+        assert prune_table3.row_job("class-blind-80", 0.8, "class-blind", None, tmp_path, wait=False)
+    finally:
+        other.kill()
+        other.wait()
