@@ -58,19 +58,18 @@ from steps import train_step, translate_step  # noqa: E402
 # --seed); rows: the rows of ROWS this setting trains (the claims of a missing row are "not run").
 
 SETTINGS = {
-    # A real corpus (Multi30k, 29k pairs), sized to finish in one 3-hour session on 2 CPU cores
-    # (BENCHMARKS.md, "Kim & Rush (2016) Table 1 on Multi30k en→de in one session"): a 2x384 teacher with 2x192 students
-    # needs 8-9 hours of both cores, longer than a session keeps its run folder. Sentencepiece 3,000
+    # A real corpus (Multi30k, 29k pairs), sized for a few hours of 2 CPU cores (the whole table: 4.5
+    # hours; BENCHMARKS.md, "Seventh session"): a 2x384 teacher with 2x192 students needs 8-9 hours
+    # of both cores before the students' longer schedule, longer than a run folder lasted. Sentencepiece 3,000
     # pieces per side; teacher 2x128 with 128-dim embeddings (1.73m parameters), student 2x64 with
     # 64-dim embeddings (0.42 of the teacher; its recurrent and attention weights 1/4 of the
     # teacher's); Adam at 5e-3, the validation sweep's rate for the 2x192 student. The teacher trains
     # until its validation BLEU has not improved for 3 epochs, halving the rate whenever it falls;
     # the students halve only after 2 epochs without a new best and stop after 5 (student_schedule):
     # halving on every dip kept a Seq-KD student on its first plateau (BENCHMARKS.md, 2026-12-03).
-    # Rows: the teacher, and the baseline and Seq-KD students with three seeds (2 hours of both
-    # cores), then, added to the same run folder in a second session, the teacher fine-tuned on
-    # Seq-Inter data and the Word-KD students (each 2.2x the time of a baseline: about an hour). The
-    # other rows (Seq-KD + Word-KD, the Seq-Inter fine-tunings of the students) did not fit.
+    # Rows: the teacher and the teacher fine-tuned on Seq-Inter data; the baseline, Word-KD and Seq-KD
+    # students with three seeds. The other rows (Seq-KD + Word-KD, the Seq-Inter fine-tunings of the
+    # students) did not fit.
     "corpus": dict(
         tokenizer=["--tokenizer", "spm", "--src-vocab-size", "3000", "--tgt-vocab-size", "3000"],
         teacher=["--layers", "2", "--hidden", "128", "--emb-dim", "128", "--bidirectional", "--dropout", "0.3"],
