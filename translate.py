@@ -18,7 +18,6 @@ import shutil
 import sys
 import time
 
-import torch
 from sacrebleu.metrics import BLEU
 
 import data
