@@ -13,6 +13,8 @@ validation and test files. Or name them one by one:
         --valid-src $C/valid.en --valid-tgt $C/valid.de --test-src $C/test.en --test-tgt $C/test.de \\
         --run-dir runs/table3 [--train-args "--device cuda --batch-size 128"]
 
+    python recipes/prune_table3.py --across runs/table3_s1 runs/table3_s2 runs/table3_s3
+                                              # one table over three students: mean ± sd, p-values
     python recipes/prune_table3.py --demo     # the whole pipeline on a slice of the built-in
                                               # corpus, ~1.5 CPU minutes (numbers mean nothing)
 
@@ -42,6 +44,7 @@ running, and both print the table once every row is done.
 import argparse
 import json
 import shlex
+import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -108,8 +111,11 @@ def parse_args(argv=None):
                    "on 2 cores: 1 each)")
     g.add_argument("--demo", action="store_true",
                    help="make every input from the built-in corpus, with tiny models and few steps")
+    g.add_argument("--across", nargs="+", metavar="RUN_DIR",
+                   help="train nothing: print the table over these run folders of this recipe (one per student): "
+                   "mean ± sd of every row they have finished, paired tests, convergence")
     args = ap.parse_args(argv)
-    if args.demo:
+    if args.demo or args.across:
         return args
     if args.table1:
         try:
@@ -234,6 +240,51 @@ def against_control(rows):
         r["p"] = paired_bootstrap(control["hyps_greedy"], r["hyps_greedy"], control["refs"])[2]
 
 
+def across_students(run_dirs, noise=1.0):
+    """Markdown: Table 3 over several run folders of this recipe (one per student, each pruned and
+    retrained the same way), from the rows they have finished. Per row: mean ± sd of the test BLEU
+    after retraining; Δ greedy (mean over students) against a reference row of the same student,
+    with sacrebleu's paired bootstrap p per student: class-blind rows against the 0% control, the
+    other schemes against class-blind at the same amount; and how many retraining curves
+    (ROW/retrain and ROW/finetune) converged by steps.curve_end."""
+    found = {}                                                    # {row name: {student index: after.json}}
+    for i, run_dir in enumerate(run_dirs):
+        for after in sorted(Path(run_dir).glob("rows/*/after.json")):
+            found.setdefault(after.parent.name, {})[i] = json.loads(after.read_text())
+
+    def key(name):                                                # table_rows' order: class-blind first
+        scheme, pct = name.rsplit("-", 1)
+        return scheme != "class-blind", int(pct), scheme
+
+    def spread(values):
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.2f} ± {sd:.2f}"
+
+    lines = [f"| scheme | pruned | students | greedy after | beam after | against | Δ greedy | p per student "
+             f"| curves converged | minutes |", "|---|---:|---:|---:|---:|---|---:|---|---:|---:|"]
+    for name in sorted(found, key=key):
+        scheme, pct = name.rsplit("-", 1)
+        ref = "class-blind-00" if scheme == "class-blind" else f"class-blind-{pct}"
+        rows = found[name]
+        paired = [i for i in rows if i in found.get(ref, {})]
+        deltas = [rows[i]["bleu_greedy"] - found[ref][i]["bleu_greedy"] for i in paired]
+        ps = [paired_bootstrap(found[ref][i]["hyps_greedy"], rows[i]["hyps_greedy"], rows[i]["refs"])[2]
+              for i in paired] if name != ref else []
+        curves = [steps.curve_end(log, noise) for i in rows
+                  for log in sorted((Path(run_dirs[i]) / "rows" / name).glob("*/log.jsonl"))]
+        delta = f"{statistics.fmean(deltas):+.2f}" if deltas and name != ref else "–"
+        lines.append(f"| {scheme} | {pct}% | {len(rows)} | {spread([r['bleu_greedy'] for r in rows.values()])} "
+                     f"| {spread([r['bleu_beam'] for r in rows.values()])} | {'–' if name == ref else ref} | "
+                     f"{delta} | {', '.join(f'{p:.3f}' for p in ps) or '–'} | "
+                     f"{sum(c['converged'] for c in curves)}/{len(curves)} | "
+                     f"{sum(c['minutes'] for c in curves) / len(rows):.0f} |")
+    lines.append(f"Run folders: {', '.join(map(str, run_dirs))}. Test-set BLEU after retraining, mean ± sd over "
+                 "the students; p: sacrebleu's paired bootstrap (1,000 resamples) of the greedy output against "
+                 f"'against' of the same student; a curve converged: its last 3 validation BLEU within {noise:g} "
+                 "of its best; minutes: retraining and fine-tuning, per student.")
+    return "\n".join(lines)
+
+
 # The demo: every input made from a slice of the built-in corpus -----------------------------
 
 def prepare_demo(args, run_dir):
@@ -304,6 +355,13 @@ def main(argv=None):
 
 
 def run(args):
+    if args.across:
+        missing = [d for d in args.across if not Path(d, "rows").is_dir()]
+        if missing:
+            raise data.UserError(f"--across: {', '.join(missing)} holds no rows/ folder; give run folders "
+                                 "of this recipe (its --run-dir)")
+        print(across_students([Path(d) for d in args.across]))
+        return None
     try:
         amounts = [float(a) for a in args.amounts.split(",")]
     except ValueError:

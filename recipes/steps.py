@@ -355,22 +355,29 @@ def seed_summary(tables, rows_spec, p_values):
     return "\n".join(lines)
 
 
+def curve_end(log_path, noise=1.0):
+    """The end of a validation curve (a log.jsonl, one row per epoch): {epochs, best, best_epoch,
+    last3, converged, minutes}; converged when each of the last three evaluations is within `noise`
+    BLEU of the best (a run stopped by --patience 3 has its best just before them)."""
+    log = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    best = max(log, key=lambda row: row["valid_bleu"])
+    last = [row["valid_bleu"] for row in log[-3:]]
+    return {"epochs": log[-1]["epoch"], "best": best["valid_bleu"], "best_epoch": best["epoch"], "last3": last,
+            "converged": len(log) >= 3 and all(best["valid_bleu"] - b <= noise for b in last),
+            "minutes": log[-1].get("elapsed", math.nan) / 60}
+
+
 def convergence_table(run_dir, folders, noise=1.0):
-    """Markdown: the end of each model's validation curve (FOLDER/log.jsonl, one row per epoch):
-    epochs trained, the best validation BLEU and its epoch, the last three evaluations, and the
-    verdict "converged" when each of those three is within `noise` BLEU of the best (a run stopped
-    by --patience 3 has its best just before them)."""
+    """Markdown: the end of each model's validation curve (FOLDER/log.jsonl): epochs trained, the
+    best validation BLEU and its epoch, the last three evaluations, and curve_end's verdict."""
     lines = [f"Validation curves (greedy BLEU per evaluation); converged: the last 3 within {noise:g} BLEU of "
              "the best.", "", "| Model | epochs | best (epoch) | last 3 | converged? | minutes |",
              "|---|---:|---:|---|---|---:|"]
     for folder in folders:
-        log = [json.loads(line) for line in (Path(run_dir) / folder / "log.jsonl").read_text().splitlines()]
-        best = max(log, key=lambda row: row["valid_bleu"])
-        last = [row["valid_bleu"] for row in log[-3:]]
-        ok = len(log) >= 3 and all(best["valid_bleu"] - b <= noise for b in last)
-        lines.append(f"| {folder} | {log[-1]['epoch']} | {best['valid_bleu']:.2f} ({best['epoch']}) | "
-                     f"{' / '.join(f'{b:.2f}' for b in last)} | {'yes' if ok else 'no'} | "
-                     f"{log[-1].get('elapsed', math.nan) / 60:.0f} |")
+        c = curve_end(Path(run_dir) / folder / "log.jsonl", noise)
+        lines.append(f"| {folder} | {c['epochs']} | {c['best']:.2f} ({c['best_epoch']}) | "
+                     f"{' / '.join(f'{b:.2f}' for b in c['last3'])} | {'yes' if c['converged'] else 'no'} | "
+                     f"{c['minutes']:.0f} |")
     return "\n".join(lines)
 
 

@@ -134,3 +134,39 @@ def test_row_job_passes_over_a_row_another_process_runs_and_runs_a_free_one(tmp_
     finally:
         other.kill()
         other.wait()
+
+
+def fake_row(run_dir, name, greedy, beam, hyps, refs, curve):
+    """RUN_DIR/rows/NAME as run_row leaves it: after.json and the retraining's log.jsonl."""
+    row = run_dir / "rows" / name
+    (row / "retrain").mkdir(parents=True)
+    (row / "after.json").write_text(json.dumps({"bleu_greedy": greedy, "bleu_beam": beam,
+                                                "hyps_greedy": hyps, "refs": refs}))
+    (row / "retrain" / "log.jsonl").write_text("".join(
+        json.dumps({"epoch": e + 1, "valid_bleu": b, "elapsed": 60.0 * (e + 1)}) + "\n" for e, b in enumerate(curve)))
+
+
+def test_across_students_means_deltas_and_paired_tests_against_each_students_own_reference(tmp_path):
+    refs = ["a b c d e", "f g h i j", "k l m n o", "p q r s t"]
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    flat, rising = [30.0, 31.0, 30.5, 30.8], [10.0, 20.0, 30.0, 40.0]      # converged / still rising
+    fake_row(s1, "class-blind-00", 40.0, 41.0, refs, refs, flat)
+    fake_row(s2, "class-blind-00", 42.0, 43.0, refs, refs, flat)
+    fake_row(s1, "class-blind-80", 36.0, 37.0, refs, refs, flat)          # same output as its control
+    fake_row(s2, "class-blind-80", 40.0, 41.0, refs, refs, rising)
+    fake_row(s1, "class-uniform-80", 30.0, 31.0, ["x"] * 4, refs, flat)   # only one student has it
+    table = prune_table3.across_students([s1, s2]).splitlines()
+    rows = [line for line in table if line.startswith("| class-")]
+    # 0%: mean 41, sd of (40, 42) = 1.41; 80%: (36, 40) -> 38 ± 2.83, Δ = mean(-4, -2) = -3
+    assert rows[0] == "| class-blind | 00% | 2 | 41.00 ± 1.41 | 42.00 ± 1.41 | – | – | – | 2/2 | 4 |"
+    assert rows[1] == ("| class-blind | 80% | 2 | 38.00 ± 2.83 | 39.00 ± 2.83 | class-blind-00 | -3.00 "
+                       "| 1.000, 1.000 | 1/2 | 4 |")
+    # the other scheme against class-blind at its amount, for the one student that has both
+    assert rows[2].startswith("| class-uniform | 80% | 1 | 30.00 ± 0.00 | 31.00 ± 0.00 | class-blind-80 | -6.00 | 0.0")
+    assert float(rows[2].split("|")[8].strip()) < 0.05
+
+
+def test_across_without_run_folders_is_a_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, "recipes/prune_table3.py", "--across", str(tmp_path)],
+                         capture_output=True, text=True, cwd=prune_table3.Path(prune_table3.__file__).parent.parent)
+    assert out.returncode != 0 and "--across" in out.stderr and "Traceback" not in out.stderr
