@@ -200,9 +200,23 @@ def decoding_precision(name, device):
         return contextlib.nullcontext()
     if name in ("tf32", "fp16") and device.type != "cuda":
         raise UserError(f"--autocast {name} is for CUDA, not {device}: use --device cuda, or bf16 on the CPU")
+    if name == "bf16" and device.type == "cpu" and not cpu_runs_bf16():
+        raise UserError(f"--autocast bf16: this CPU ({torch.backends.cpu.get_cpu_capability()}) cannot run an LSTM "
+                        "in bfloat16 (oneDNN needs AVX-512): decode in float32 (drop --autocast), or try --int8")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return contextlib.nullcontext() if name == "tf32" else torch.autocast(device.type, dtype=AUTOCAST[name])
+
+
+def cpu_runs_bf16():
+    """Whether this CPU runs a small LSTM and Linear under bf16 autocast (oneDNN refuses on CPUs
+    without AVX-512), tried once on tiny inputs."""
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.Linear(2, 2)(torch.nn.LSTM(2, 2)(torch.zeros(1, 1, 2))[0])
+        return True
+    except RuntimeError:
+        return False
 
 
 def pick_device(name=None):

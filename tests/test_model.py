@@ -133,6 +133,8 @@ def test_bf16_autocast_changes_the_products_not_the_output_type():
     src = torch.randint(4, 20, (3, 7))
     mask = torch.ones(3, 7, dtype=torch.bool)
     prev = torch.full((3,), BOS)
+    if not M.cpu_runs_bf16():
+        pytest.skip("this CPU cannot run an LSTM in bf16 (no AVX-512): the next test covers it")
     with torch.no_grad():
         fp32, _, _ = model.step(prev, model.start(src, mask))
         with M.decoding_precision("bf16", torch.device("cpu")):
@@ -140,6 +142,15 @@ def test_bf16_autocast_changes_the_products_not_the_output_type():
     assert bf16.dtype == torch.float32
     gap = (bf16 - fp32).abs().max().item()
     assert 1e-5 < gap < 0.05, gap
+    assert M.decoding_precision(None, torch.device("cpu")).__class__.__name__ == "nullcontext"
+
+
+def test_bf16_on_a_cpu_that_cannot_run_it_is_a_one_line_error(monkeypatch):
+    """Where oneDNN refuses bf16 (CPUs without AVX-512) --autocast bf16 stops before decoding with a
+    message naming the flag, instead of a traceback from inside torch's LSTM."""
+    monkeypatch.setattr(M, "cpu_runs_bf16", lambda: False)
+    with pytest.raises(UserError, match=r"--autocast bf16: this CPU .*\(drop --autocast\)"):
+        M.decoding_precision("bf16", torch.device("cpu"))
     assert M.decoding_precision(None, torch.device("cpu")).__class__.__name__ == "nullcontext"
 
 
