@@ -243,14 +243,16 @@ def against_control(rows):
 def across_students(run_dirs, noise=1.0):
     """Markdown: Table 3 over several run folders of this recipe (one per student, each pruned and
     retrained the same way), from the rows they have finished. Per row: mean ± sd of the test BLEU
-    after retraining; Δ greedy (mean over students) against a reference row of the same student,
+    before and after retraining; Δ greedy (mean over students) against a reference row of the same student,
     with sacrebleu's paired bootstrap p per student: class-blind rows against the 0% control, the
     other schemes against class-blind at the same amount; and how many retraining curves
     (ROW/retrain and ROW/finetune) converged by steps.curve_end."""
     found = {}                                                    # {row name: {student index: after.json}}
+    before = {}                                                   # the same for before.json (pruned, not retrained)
     for i, run_dir in enumerate(run_dirs):
         for after in sorted(Path(run_dir).glob("rows/*/after.json")):
             found.setdefault(after.parent.name, {})[i] = json.loads(after.read_text())
+            before.setdefault(after.parent.name, []).append(json.loads(after.with_name("before.json").read_text()))
 
     def key(name):                                                # table_rows' order: class-blind first
         scheme, pct = name.rsplit("-", 1)
@@ -260,8 +262,8 @@ def across_students(run_dirs, noise=1.0):
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.fmean(values):.2f} ± {sd:.2f}"
 
-    lines = [f"| scheme | pruned | students | greedy after | beam after | against | Δ greedy | p per student "
-             f"| curves converged | minutes |", "|---|---:|---:|---:|---:|---|---:|---|---:|---:|"]
+    lines = ["| scheme | pruned | students | greedy before | greedy after | beam after | against | Δ greedy "
+             "| p per student | curves converged | minutes |", "|---|---:|---:|---:|---:|---:|---|---:|---|---:|---:|"]
     for name in sorted(found, key=key):
         scheme, pct = name.rsplit("-", 1)
         ref = "class-blind-00" if scheme == "class-blind" else f"class-blind-{pct}"
@@ -273,12 +275,14 @@ def across_students(run_dirs, noise=1.0):
         curves = [steps.curve_end(log, noise) for i in rows
                   for log in sorted((Path(run_dirs[i]) / "rows" / name).glob("*/log.jsonl"))]
         delta = f"{statistics.fmean(deltas):+.2f}" if deltas and name != ref else "–"
-        lines.append(f"| {scheme} | {pct}% | {len(rows)} | {spread([r['bleu_greedy'] for r in rows.values()])} "
+        lines.append(f"| {scheme} | {pct}% | {len(rows)} | {spread([r['bleu_greedy'] for r in before[name]])} "
+                     f"| {spread([r['bleu_greedy'] for r in rows.values()])} "
                      f"| {spread([r['bleu_beam'] for r in rows.values()])} | {'–' if name == ref else ref} | "
                      f"{delta} | {', '.join(f'{p:.3f}' for p in ps) or '–'} | "
                      f"{sum(c['converged'] for c in curves)}/{len(curves)} | "
                      f"{sum(c['minutes'] for c in curves) / len(rows):.0f} |")
-    lines.append(f"Run folders: {', '.join(map(str, run_dirs))}. Test-set BLEU after retraining, mean ± sd over "
+    lines.append(f"Run folders: {', '.join(map(str, run_dirs))}. Test-set BLEU of the pruned student before and "
+                 "after retraining, mean ± sd over "
                  "the students; p: sacrebleu's paired bootstrap (1,000 resamples) of the greedy output against "
                  f"'against' of the same student; a curve converged: its last 3 validation BLEU within {noise:g} "
                  "of its best; minutes: retraining and fine-tuning, per student.")

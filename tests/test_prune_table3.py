@@ -137,9 +137,11 @@ def test_row_job_passes_over_a_row_another_process_runs_and_runs_a_free_one(tmp_
 
 
 def fake_row(run_dir, name, greedy, beam, hyps, refs, curve):
-    """RUN_DIR/rows/NAME as run_row leaves it: after.json and the retraining's log.jsonl."""
+    """RUN_DIR/rows/NAME as run_row leaves it: before.json (greedy BLEU 10 below after), after.json and
+    the retraining's log.jsonl."""
     row = run_dir / "rows" / name
     (row / "retrain").mkdir(parents=True)
+    (row / "before.json").write_text(json.dumps({"bleu_greedy": greedy - 10, "bleu_beam": beam - 10}))
     (row / "after.json").write_text(json.dumps({"bleu_greedy": greedy, "bleu_beam": beam,
                                                 "hyps_greedy": hyps, "refs": refs}))
     (row / "retrain" / "log.jsonl").write_text("".join(
@@ -158,12 +160,13 @@ def test_across_students_means_deltas_and_paired_tests_against_each_students_own
     table = prune_table3.across_students([s1, s2]).splitlines()
     rows = [line for line in table if line.startswith("| class-")]
     # 0%: mean 41, sd of (40, 42) = 1.41; 80%: (36, 40) -> 38 ± 2.83, Δ = mean(-4, -2) = -3
-    assert rows[0] == "| class-blind | 00% | 2 | 41.00 ± 1.41 | 42.00 ± 1.41 | – | – | – | 2/2 | 4 |"
-    assert rows[1] == ("| class-blind | 80% | 2 | 38.00 ± 2.83 | 39.00 ± 2.83 | class-blind-00 | -3.00 "
+    assert rows[0] == "| class-blind | 00% | 2 | 31.00 ± 1.41 | 41.00 ± 1.41 | 42.00 ± 1.41 | – | – | – | 2/2 | 4 |"
+    assert rows[1] == ("| class-blind | 80% | 2 | 28.00 ± 2.83 | 38.00 ± 2.83 | 39.00 ± 2.83 | class-blind-00 | -3.00 "
                        "| 1.000, 1.000 | 1/2 | 4 |")
     # the other scheme against class-blind at its amount, for the one student that has both
-    assert rows[2].startswith("| class-uniform | 80% | 1 | 30.00 ± 0.00 | 31.00 ± 0.00 | class-blind-80 | -6.00 | 0.0")
-    assert float(rows[2].split("|")[8].strip()) < 0.05
+    assert rows[2].startswith("| class-uniform | 80% | 1 | 20.00 ± 0.00 | 30.00 ± 0.00 | 31.00 ± 0.00 "
+                              "| class-blind-80 | -6.00 | 0.0")
+    assert float(rows[2].split("|")[9].strip()) < 0.05
 
 
 def test_across_without_run_folders_is_a_one_line_error(tmp_path):
