@@ -275,7 +275,7 @@ def across_students(run_dirs, noise=1.0):
         curves = [steps.curve_end(log, noise) for i in rows
                   for log in sorted((Path(run_dirs[i]) / "rows" / name).glob("*/log.jsonl"))]
         delta = f"{statistics.fmean(deltas):+.2f}" if deltas and name != ref else "–"
-        lines.append(f"| {scheme} | {pct}% | {len(rows)} | {spread([r['bleu_greedy'] for r in before[name]])} "
+        lines.append(f"| {scheme} | {int(pct)}% | {len(rows)} | {spread([r['bleu_greedy'] for r in before[name]])} "
                      f"| {spread([r['bleu_greedy'] for r in rows.values()])} "
                      f"| {spread([r['bleu_beam'] for r in rows.values()])} | {'–' if name == ref else ref} | "
                      f"{delta} | {', '.join(f'{p:.3f}' for p in ps) or '–'} | "

@@ -160,7 +160,7 @@ def test_across_students_means_deltas_and_paired_tests_against_each_students_own
     table = prune_table3.across_students([s1, s2]).splitlines()
     rows = [line for line in table if line.startswith("| class-")]
     # 0%: mean 41, sd of (40, 42) = 1.41; 80%: (36, 40) -> 38 ± 2.83, Δ = mean(-4, -2) = -3
-    assert rows[0] == "| class-blind | 00% | 2 | 31.00 ± 1.41 | 41.00 ± 1.41 | 42.00 ± 1.41 | – | – | – | 2/2 | 4 |"
+    assert rows[0] == "| class-blind | 0% | 2 | 31.00 ± 1.41 | 41.00 ± 1.41 | 42.00 ± 1.41 | – | – | – | 2/2 | 4 |"
     assert rows[1] == ("| class-blind | 80% | 2 | 28.00 ± 2.83 | 38.00 ± 2.83 | 39.00 ± 2.83 | class-blind-00 | -3.00 "
                        "| 1.000, 1.000 | 1/2 | 4 |")
     # the other scheme against class-blind at its amount, for the one student that has both
