@@ -18,6 +18,7 @@ dict of tensors that all have the batch as dimension 0, so reordering it is one 
 entry, whatever the architecture. Each model class has `arch` ("lstm" or "t5") and `cfg`.
 """
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -208,9 +209,10 @@ def decoding_precision(name, device):
     return contextlib.nullcontext() if name == "tf32" else torch.autocast(device.type, dtype=AUTOCAST[name])
 
 
+@functools.cache
 def cpu_runs_bf16():
     """Whether this CPU runs a small LSTM and Linear under bf16 autocast (oneDNN refuses on CPUs
-    without AVX-512), tried once on tiny inputs."""
+    without AVX-512), tried once per process on tiny inputs."""
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             torch.nn.Linear(2, 2)(torch.nn.LSTM(2, 2)(torch.zeros(1, 1, 2))[0])

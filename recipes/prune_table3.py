@@ -252,7 +252,7 @@ def across_students(run_dirs, noise=1.0):
     for i, run_dir in enumerate(run_dirs):
         for after in sorted(Path(run_dir).glob("rows/*/after.json")):
             found.setdefault(after.parent.name, {})[i] = json.loads(after.read_text())
-            before.setdefault(after.parent.name, []).append(json.loads(after.with_name("before.json").read_text()))
+            before.setdefault(after.parent.name, {})[i] = json.loads(after.with_name("before.json").read_text())
 
     def key(name):                                                # table_rows' order: class-blind first
         scheme, pct = name.rsplit("-", 1)
@@ -275,7 +275,8 @@ def across_students(run_dirs, noise=1.0):
         curves = [steps.curve_end(log, noise) for i in rows
                   for log in sorted((Path(run_dirs[i]) / "rows" / name).glob("*/log.jsonl"))]
         delta = f"{statistics.fmean(deltas):+.2f}" if deltas and name != ref else "–"
-        lines.append(f"| {scheme} | {int(pct)}% | {len(rows)} | {spread([r['bleu_greedy'] for r in before[name]])} "
+        greedy_before = [r["bleu_greedy"] for r in before[name].values()]
+        lines.append(f"| {scheme} | {int(pct)}% | {len(rows)} | {spread(greedy_before)} "
                      f"| {spread([r['bleu_greedy'] for r in rows.values()])} "
                      f"| {spread([r['bleu_beam'] for r in rows.values()])} | {'–' if name == ref else ref} | "
                      f"{delta} | {', '.join(f'{p:.3f}' for p in ps) or '–'} | "
