@@ -279,9 +279,10 @@ def add_evaluation_checkpoint_and_distillation_flags(parser) -> None:
                    help="evaluate every STEPS optimizer steps (default: at the end of every epoch)")
     g.add_argument("--bleu-tokenize", default="13a", metavar="TOK", help="sacrebleu tokenizer: 13a for raw "
                    "text, none for pre-tokenized corpora (the paper's tokenized BLEU) (default: %(default)s)")
-    g.add_argument("--best-metric", choices=["ppl", "bleu"], default="ppl", help="what best.pt is chosen by: "
-                   "validation perplexity, or greedy BLEU (better for Seq-KD students, whose perplexity on "
-                   "the references rises while BLEU improves) (default: %(default)s)")
+    g.add_argument("--best-metric", choices=["ppl", "bleu", "loss"], default="ppl", help="what best.pt is chosen "
+                   "by: validation perplexity; greedy BLEU (better for Seq-KD students, whose perplexity on "
+                   "the references rises while BLEU improves); or the training objective itself on the "
+                   "validation data, e.g. the relation loss of --kd relation (default: %(default)s)")
     g.add_argument("--patience", type=int, metavar="N", help="stop after N evaluations with no better --best-metric")
 
     g = parser.add_argument_group("checkpoints")

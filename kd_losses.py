@@ -264,6 +264,17 @@ def compute_loss(model, batch, kd: Distillation | None = None, normalize="tokens
     return loss, parts
 
 
+@torch.no_grad()
+def mean_loss(model, batches, kd: Distillation | None = None, label_smoothing=0.0) -> float:
+    """compute_loss per real target token over `batches` (data.Batch on the model's device), token-weighted:
+    the training objective on held-out data (train.py --best-metric loss). The caller sets eval mode."""
+    total, ntokens = 0.0, 0
+    for batch in batches:
+        loss, _ = compute_loss(model, batch, kd, "tokens", label_smoothing)
+        total, ntokens = total + loss * batch.ntokens, ntokens + batch.ntokens
+    return float(total) / max(ntokens, 1)
+
+
 # 5. Divergence: a training loss that has gone wrong -------------------------------------------
 
 class DivergenceCheck:

@@ -142,16 +142,40 @@ class Progress:
     lr: float = 1.0
     best_valid_ppl: float = math.inf
     best_valid_bleu: float = -1.0
-    prev_valid_ppl: float = math.inf   # for --decay-on-plateau (--best-metric ppl)
-    prev_valid_bleu: float = -1.0      # for --decay-on-plateau (--best-metric bleu)
+    best_valid_loss: float = math.inf  # --best-metric loss: the training objective on the validation data
+    prev_valid_ppl: float = math.inf   # for --decay-on-plateau: the last evaluation's figures
+    prev_valid_bleu: float = -1.0
+    prev_valid_loss: float = math.inf
     evals_since_best: int = 0      # for --patience and --decay-patience
     elapsed: float = 0.0           # seconds of this run, over all its resumptions
 
     def improves(self, record: dict, metric: str) -> bool:
-        """Whether an evaluation's row beats the best so far on metric ("ppl" or "bleu")."""
-        if metric == "ppl":
-            return record["valid_ppl"] < self.best_valid_ppl
-        return record["valid_bleu"] > self.best_valid_bleu
+        """Whether an evaluation's row beats the best so far on metric ("ppl", "loss": lower is better; "bleu")."""
+        return better(record[f"valid_{metric}"], getattr(self, f"best_valid_{metric}"), metric)
+
+    def worse_than_last(self, record: dict, metric: str) -> bool:
+        """Whether an evaluation's row is worse on metric than the evaluation before it."""
+        return better(getattr(self, f"prev_valid_{metric}"), record[f"valid_{metric}"], metric)
+
+    def add_evaluation(self, record: dict, metric: str) -> bool:
+        """Count an evaluation's row in the best figures (a row without a validation loss has none); returns
+        whether it improves on metric."""
+        improves = self.improves(record, metric)
+        self.best_valid_ppl = min(self.best_valid_ppl, record["valid_ppl"])
+        self.best_valid_bleu = max(self.best_valid_bleu, record["valid_bleu"])
+        self.best_valid_loss = min(self.best_valid_loss, record.get("valid_loss", math.inf))
+        self.evals_since_best = 0 if improves else self.evals_since_best + 1
+        return improves
+
+    def remember(self, record: dict) -> None:
+        """The last evaluation's figures, for worse_than_last."""
+        self.prev_valid_ppl, self.prev_valid_bleu = record["valid_ppl"], record["valid_bleu"]
+        self.prev_valid_loss = record.get("valid_loss", math.inf)
+
+
+def better(new: float, old: float, metric: str) -> bool:
+    """new beats old on metric: higher BLEU, lower perplexity or loss."""
+    return new > old if metric == "bleu" else new < old
 
 
 def rng_states() -> dict:

@@ -28,7 +28,7 @@ import prune
 import span_corruption
 from data import UserError, get_vocabs, load_splits, plural, span_corruption_data
 from flags import CPU_THREADS, OPTIMIZERS, make_model_config, parse_args
-from kd_losses import (DivergenceCheck, check_teacher_vocabs, compute_loss, make_distillation, nll_sum,
+from kd_losses import (DivergenceCheck, check_teacher_vocabs, compute_loss, make_distillation, mean_loss, nll_sum,
                        warn_unknown_words)
 from model import (build_model, count_params, eval_mode, load_checkpoint, model_from_checkpoint, pick_device,
                    save_checkpoint)
@@ -211,7 +211,7 @@ def make_optimizer(run: Run, resume: dict | None) -> None:
             raise UserError(f"--optim {args.optim}: the run in {run.last_path} uses {resume['args']['optim']}; "
                             f"drop --optim to continue it")
         run.optimizer.load_state_dict(resume["optimizer"])
-        run.progress = Progress(**{name: resume[name] for name in asdict(run.progress)})
+        run.progress = Progress(**{name: resume[name] for name in asdict(run.progress) if name in resume})
         set_rng_states(resume["rng"])
         running, first = resume.get("running") or {"part_sums": {}, "tokens": 0, "train_time": 0.0}, run.rank == 0
         run.part_sums = {name: (value if first else torch.zeros_like(value)).to(run.device)  # 0 in the others:
@@ -364,13 +364,19 @@ def evaluate(run: Run, stopped) -> dict:
               "train_loss": means.pop("loss", None), "valid_ppl": ppl, "valid_bleu": bleu.score,
               "valid_chrf": chrf.score, "tokens_per_s": tokens / run.train_time if run.train_time else None,
               "elapsed": progress.elapsed}
+    if run.kd or args.best_metric == "loss":  # the training objective on the validation data
+        with eval_mode(run.model), autocast(run.device):
+            record["valid_loss"] = mean_loss(run.model, (data.collate(run.valid_examples, idxs).to(run.device)
+                                                         for idxs in make_batches(run.valid_examples, args, False)),
+                                             run.kd, args.label_smoothing)
     if means:  # the terms of a distillation loss, e.g. {"nll": .., "word_kd": ..}
         record["train_parts"] = means
     if stopped:
         record["stopped"] = stopped
     train_loss = f"{record['train_loss']:.3f}" if tokens else "-"
     print(f"step {progress.step} | epoch {progress.epoch} | lr {progress.lr:g} | train loss {train_loss} | "
-          f"valid ppl {ppl:.2f} | valid BLEU {bleu.score:.2f} | chrF {chrf.score:.2f} | "
+          f"valid ppl {ppl:.2f} | " + (f"valid loss {record['valid_loss']:.4f} | " if "valid_loss" in record else "")
+          + f"valid BLEU {bleu.score:.2f} | chrF {chrf.score:.2f} | "
           f"{record['tokens_per_s'] or 0:.0f} tgt tok/s" +
           (f" | stopped: {stopped}" if stopped else ""))
     if run.last_record is None:
@@ -387,18 +393,15 @@ def schedule_lr(run: Run, record, epoch_ended: bool) -> None:
         set_lr(run, progress.lr * args.lr_decay, f"epoch {progress.epoch} > --decay-after {args.decay_after}")
     elif record and args.decay_on_plateau:
         misses = 0 if progress.improves(record, args.best_metric) else progress.evals_since_best + 1
-        ppl, bleu = record["valid_ppl"], record["valid_bleu"]
         if args.decay_patience:
             why = misses and misses % args.decay_patience == 0 and f"no better valid {args.best_metric} in {misses} " \
                 "evaluations (--decay-patience)"
-        elif args.best_metric == "ppl":
-            why = ppl > progress.prev_valid_ppl and f"validation perplexity rose from {progress.prev_valid_ppl:.2f}"
         else:
-            why = bleu < progress.prev_valid_bleu and f"validation BLEU fell from {progress.prev_valid_bleu:.2f}"
+            why = progress.worse_than_last(record, args.best_metric) and f"valid {args.best_metric} got worse"
         if why:
             set_lr(run, progress.lr * args.lr_decay, why)
     if record:
-        progress.prev_valid_ppl, progress.prev_valid_bleu = record["valid_ppl"], record["valid_bleu"]
+        progress.remember(record)
 
 
 def save_last(run: Run, new_row: bool = False) -> None:
@@ -425,11 +428,7 @@ def save_checkpoints(run: Run, record) -> None:
     then the log row. A crash between any two writes leaves log and last.pt consistent: last.pt holds the row
     and the log's rows with it, --resume makes the log those (a crash before last.pt repeats the evaluation)."""
     progress = run.progress
-    better = progress.improves(record, run.args.best_metric)
-    progress.best_valid_ppl = min(progress.best_valid_ppl, record["valid_ppl"])
-    progress.best_valid_bleu = max(progress.best_valid_bleu, record["valid_bleu"])
-    progress.evals_since_best = 0 if better else progress.evals_since_best + 1
-    if better:
+    if progress.add_evaluation(record, run.args.best_metric):
         save(run, run.best_path, with_optimizer=False)
     save_last(run, new_row=True)
     if run.rank == 0:
@@ -457,6 +456,7 @@ def finish(run: Run, stop: str | None) -> dict:
           f"{run.best_path} is the best by {args.best_metric}")
     metrics = {"step": progress.step, "epoch": progress.epoch, "params": run.n_params,
                "best_valid_ppl": progress.best_valid_ppl, "best_valid_bleu": progress.best_valid_bleu,
+               **({"best_valid_loss": progress.best_valid_loss} if "valid_loss" in run.last_record else {}),
                "valid_ppl": run.last_record["valid_ppl"], "valid_bleu": run.last_record["valid_bleu"],
                "valid_chrf": run.last_record.get("valid_chrf"), "elapsed": progress.elapsed,
                "best_path": str(run.best_path), "last_path": str(run.last_path), "log_path": str(run.log_path)}

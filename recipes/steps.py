@@ -355,28 +355,33 @@ def seed_summary(tables, rows_spec, p_values):
     return "\n".join(lines)
 
 
-def curve_end(log_path, noise=1.0):
-    """The end of a validation curve (a log.jsonl, one row per epoch): {epochs, best, best_epoch,
-    last3, converged, minutes}; converged when each of the last three evaluations is within `noise`
-    BLEU of the best (a run stopped by --patience 3 has its best just before them)."""
+def curve_end(log_path, noise=1.0, key="valid_bleu"):
+    """The end of a validation curve (a log.jsonl, one row per epoch) of `key`: {epochs, best, best_epoch,
+    last3, converged, minutes}. valid_bleu: higher is better, converged when each of the last three
+    evaluations is within `noise` BLEU of the best (a run stopped by --patience 3 has its best just before
+    them); valid_ppl, valid_loss: lower is better, converged when each is within `noise` percent of the best."""
     log = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
-    best = max(log, key=lambda row: row["valid_bleu"])
-    last = [row["valid_bleu"] for row in log[-3:]]
-    return {"epochs": log[-1]["epoch"], "best": best["valid_bleu"], "best_epoch": best["epoch"], "last3": last,
-            "converged": len(log) >= 3 and all(best["valid_bleu"] - b <= noise for b in last),
+    higher = key == "valid_bleu"
+    best = (max if higher else min)(log, key=lambda row: row[key])
+    last = [row[key] for row in log[-3:]]
+    gap = [best[key] - v if higher else 100 * (v - best[key]) / abs(best[key]) for v in last]
+    return {"epochs": log[-1]["epoch"], "best": best[key], "best_epoch": best["epoch"], "last3": last,
+            "converged": len(log) >= 3 and all(g <= noise for g in gap),
             "minutes": log[-1].get("elapsed", math.nan) / 60}
 
 
-def convergence_table(run_dir, folders, noise=1.0):
-    """Markdown: the end of each model's validation curve (FOLDER/log.jsonl): epochs trained, the
-    best validation BLEU and its epoch, the last three evaluations, and curve_end's verdict."""
-    lines = [f"Validation curves (greedy BLEU per evaluation); converged: the last 3 within {noise:g} BLEU of "
+def convergence_table(run_dir, folders, noise=1.0, key="valid_bleu"):
+    """Markdown: the end of each model's validation curve of `key` (FOLDER/log.jsonl): epochs trained, the
+    best value and its epoch, the last three evaluations, and curve_end's verdict."""
+    what, unit, digits = {"valid_bleu": ("greedy BLEU", "BLEU", 2), "valid_ppl": ("perplexity", "%", 2),
+                          "valid_loss": ("training objective", "%", 4)}[key]
+    lines = [f"Validation curves ({what} per evaluation); converged: the last 3 within {noise:g} {unit} of "
              "the best.", "", "| Model | epochs | best (epoch) | last 3 | converged? | minutes |",
              "|---|---:|---:|---|---|---:|"]
     for folder in folders:
-        c = curve_end(Path(run_dir) / folder / "log.jsonl", noise)
-        lines.append(f"| {folder} | {c['epochs']} | {c['best']:.2f} ({c['best_epoch']}) | "
-                     f"{' / '.join(f'{b:.2f}' for b in c['last3'])} | {'yes' if c['converged'] else 'no'} | "
+        c = curve_end(Path(run_dir) / folder / "log.jsonl", noise, key)
+        lines.append(f"| {folder} | {c['epochs']} | {c['best']:.{digits}f} ({c['best_epoch']}) | "
+                     f"{' / '.join(f'{b:.{digits}f}' for b in c['last3'])} | {'yes' if c['converged'] else 'no'} | "
                      f"{c['minutes']:.0f} |")
     return "\n".join(lines)
 

@@ -1,72 +1,78 @@
 """Distilling a T5-like translator: logit KD, MiniLM, MiniEnD-D/E, Seq-KD, and the order of
-a staged fine-tuning, in one command.
+a staged fine-tuning, over seeds, in one command.
 
     python recipes/t5_distill.py --builtin                 # the built-in corpus
     python recipes/t5_distill.py --smoke                   # tiny: only checks every step runs
     python prepare.py multi30k --out data/multi30k         # or any folder of {train,valid,test}.{en,de}
     python recipes/t5_distill.py --corpus data/multi30k --valid-split valid --run-dir runs/t5_multi30k
 
-A flat list of steps, as recipes/kim_rush.py (both use recipes/steps.py): each step calls
-train.main / translate.main with the flags a user would type, writes under the run folder, and is
-skipped when its output exists, so the same command continues after an interrupt.
+A list of steps, as recipes/kim_rush.py (both use recipes/steps.py): each step calls train.main /
+translate.main with the flags a user would type, writes under the run folder, and is skipped when
+its output exists, so the same command continues after an interrupt. Two cores: run the same command
+twice, each with --threads 1; each process takes the next step whose inputs exist and that the other
+is not running (steps.run_jobs).
 
   step 1   teacher pre-training: T5 span corruption (Raffel et al. 2020) of the training text of
            both languages, read as unlabelled sentences (no pairs)        -> teacher_pretrain/
   step 2   teacher: fine-tune it on translation (--init)                    -> teacher/
   step 3   Seq-KD data: the teacher's beam search on the training source    -> distill/train.seqkd.TGT
-  step 4   logit KD: Word-KD from the teacher on the references (Kim & Rush 2016, section 3.1)
-  step 5   Seq-KD: NLL on the teacher's translations, from scratch
-  step 6   student baseline: ~1/4 of the teacher, from scratch, NLL on the references
-  step 7   the staged orders (QuillBot's finding: Seq-KD data first, then gold, beats the
-           reverse), each one --init away from a row above:
-             Seq-KD, then gold:   --init the Seq-KD student, fine-tune on the references
-             gold, then Seq-KD:   --init the baseline student, fine-tune on the Seq-KD data
-  step 8   control: the student pre-trained on span corruption WITHOUT a teacher, then the
-           references: what pre-training alone gives the MiniLM / MiniEnD rows
-  step 9   MiniLM, MiniEnD-D, MiniEnD-E, task-agnostic as in MiniEnD (Zhang et al. 2024): the
-           student is distilled from the PRE-TRAINED teacher (step 1) on the span-corruption data
-           with the attention-relation losses (train.py --kd relation), then fine-tuned on the
-           references (--init), with the baseline's epochs and learning rate
-  step 10  the test-set report of every model (translate.py --report) and the table:
-           RUN_DIR/table.md and RUN_DIR/table.json
-
-Two cores: steps 6, 8 and 9 need only step 1 (the students take the pre-trained teacher's
-vocabulary), so a second process can train them while the first trains the teacher. Once step 1
-is done, start the same command with --students-only --threads 1 beside the full one (also
---threads 1). A step that the other process is running is waited for, never run twice.
+  step 4   the Q-Q probe: one step of relation KD that measures the query-query and key-key terms of a
+           new student against the pre-trained teacher; "rescaled" Q-Q weighs each Q-Q term by K-K / Q-Q
+           (T5's queries carry the 1/sqrt(d_kv) of attention, so their relations are nearly flat)
+  step 5   the relation settings, on validation, seed 1 (only where a setting lists several): MiniLM with
+           the Q-Q term kept, dropped and rescaled (teacher layer: the last), then the best of those from
+           each other teacher layer; the best fine-tuned validation BLEU decides -> tune/choice.json
+  step 6   every student row, once per seed (FOLDER_s1, FOLDER_s2, ...):
+             student baseline      ~1/4 of the teacher, from scratch, NLL on the references
+             control               span corruption WITHOUT a teacher, then the references: what pre-training
+                                   alone gives the relation rows
+             logit KD              Word-KD from the teacher on the references (Kim & Rush 2016, 3.1)
+             MiniLM, MiniEnD-D, MiniEnD-E   task-agnostic as in MiniEnD (Zhang et al. 2024): relation KD
+                                   from the PRE-TRAINED teacher (step 1) on span corruption, chosen by its
+                                   own objective on validation (--best-metric loss), then the references
+             Seq-KD                NLL on the teacher's translations, from scratch
+             Seq-KD, then gold     the Seq-KD student fine-tuned on the references
+             gold, then Seq-KD     the baseline student fine-tuned on the Seq-KD data
+  step 7   the test-set report of every model (translate.py --report), the table over seeds with each
+           row's paired bootstrap against the baseline, and the claims (QuillBot's order; MiniEnD's
+           relations beyond logit KD and beyond MiniLM) decided on them: RUN_DIR/table.md, table.json
 
 All students take the teacher's vocabulary: one joint vocabulary (T5 shares its embedding between
 source and target) with 100 sentinel tokens for span corruption, built in step 1. Every
 translation model is chosen by validation greedy BLEU (--best-metric bleu); the span-corruption
-stages by validation perplexity. The hyper-parameters are fixed below, before any run.
+stages by validation perplexity, the relation stages by their own loss. The hyper-parameters are
+fixed below, before any run.
 """
+import json
+import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # steps.py, next to this file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the repository root
 
 import data  # noqa: E402
+import relation_losses  # noqa: E402
+import runs  # noqa: E402
 import steps  # noqa: E402
-from data import UserError  # noqa: E402
+from report import paired_bootstrap  # noqa: E402
 from steps import train_step, translate_step, write_lines  # noqa: E402
 
 
 # Hyper-parameters, fixed up front ------------------------------------------------------------
-# The student has about 1/4 of the teacher's parameters.
+# The student has about 1/4 of the teacher's parameters. schedule: every translation training;
+# pretrain_schedule: the span-corruption stages (the relation stages by their own loss).
 
 SETTINGS = {
-    # A real corpus (e.g. Multi30k, 29k pairs). Timed before any score was read: the teacher
-    # trains at ~1,500 target tokens/s on one CPU thread (about 5 min an epoch of Multi30k), so
-    # the first guess of 2 + 8 teacher and 8 student epochs (~2.5 h) was cut to the epochs below.
-    # The optimizer is T5's, Adafactor at its pre-training rate 1e-2 (1e-3 to fine-tune): with Adam
-    # at 5e-4 the teacher was at validation ppl 65.5 after 600 steps, with Adafactor at 19.3
-    # (BENCHMARKS.md; these runs were on validation only, before any table row). With these settings
-    # the table took 71 min on 2 cores, and the 5-epoch teacher ended only 0.15 greedy BLEU above its
-    # student: with a larger budget, train the teacher longer first. Seeds of the student spread
-    # over 3.6 greedy BLEU at this constant rate; halving it for the last epoch (--decay-after)
-    # narrowed that to 1.1 (BENCHMARKS.md). Kept as measured, so the table reproduces.
+    # A real corpus (e.g. Multi30k, 29k pairs), trained to convergence. Adafactor at T5's pre-training
+    # rate 1e-2 (1e-3 for a second stage): with Adam at 5e-4 the teacher was at validation ppl 65.5
+    # after 600 steps, with Adafactor at 19.3 (BENCHMARKS.md). The first table (5 epochs each, one or two
+    # seeds) left the teacher 0.15 greedy BLEU above its student, every curve still rising, and seeds of
+    # the student 3.6 BLEU apart at a constant rate; halving it once narrowed that to 1.1. So now every
+    # stage halves the rate after 2 evaluations without a new best and stops after 5 (the span-corruption
+    # stages: halve when worse, stop after 2), within the epoch ceilings below.
     "corpus": dict(
         tokenizer=["--tokenizer", "spm", "--src-vocab-size", "8000"],
         # 3 + 3 layers, width 256 (~7.6M parameters with the 8k embedding)
@@ -76,26 +82,33 @@ SETTINGS = {
         student=["--arch", "t5", "--layers", "2", "--d-model", "128", "--heads", "4", "--d-kv", "32",
                  "--d-ff", "512", "--dropout", "0.1"],
         optim=["--optim", "adafactor", "--batch-size", "64"],
+        schedule=["--decay-on-plateau", "--decay-patience", "2", "--patience", "5"],
+        pretrain_schedule=["--decay-on-plateau", "--patience", "2"],
         lr=1e-2,               # T5's pre-training rate; Adafactor's steps are relative to each weight's size
         finetune_lr=1e-3,      # T5's fine-tuning rate: the second stage of a staged order
-        pretrain_epochs=1,     # span corruption over both sides of the training text
-        teacher_epochs=5,
-        student_epochs=5,
-        finetune_epochs=1,
+        pretrain_epochs=10,    # ceilings: span corruption over both sides of the training text (also the
+        teacher_epochs=40,     # relation stages), the teacher, the students, a second stage
+        student_epochs=60,
+        finetune_epochs=20,
         kd_alpha=0.5,          # Word-KD as Kim & Rush
         relation_heads=8,      # divides both inner widths (256, 128)
+        teacher_layers=[-1, 1],              # the last, and the upper-middle one (the second of three)
+        qq=["keep", "drop", "rescale"],      # the Q-Q terms' weight: 1, 0, or K-K / Q-Q at the start
         seqkd_beam=5,
         report_beam=5,
         max_train=None,
         max_eval=None,
+        seeds=[1, 2, 3],
     ),
-    # The built-in synthetic corpus (synthetic.builtin_splits).
+    # The built-in synthetic corpus (synthetic.builtin_splits), one seed, no tuning.
     "builtin": dict(
         tokenizer=["--tokenizer", "word"],
         teacher=["--arch", "t5", "--preset", "t5-builtin"],          # 2 + 2 layers, width 128
         student=["--arch", "t5", "--layers", "2", "--d-model", "64", "--heads", "4", "--d-kv", "16",
                  "--d-ff", "256", "--dropout", "0.1"],
         optim=["--optim", "adafactor", "--batch-size", "32"],
+        schedule=[],          # fixed epochs at one rate
+        pretrain_schedule=[],
         lr=1e-2,              # train.py's t5-builtin default: valid BLEU 81.8 after 3 epochs (Adam 5e-4: 40.5)
         finetune_lr=1e-3,
         pretrain_epochs=1,
@@ -104,29 +117,35 @@ SETTINGS = {
         finetune_epochs=1,
         kd_alpha=0.5,
         relation_heads=4,      # divides 128 and 64
+        teacher_layers=[-1],
+        qq=["keep"],
         seqkd_beam=5,
         report_beam=5,
         max_train=10_000,
         max_eval=None,
+        seeds=[1],
     ),
 }
 # Absurdly small: only checks that every step runs (tests/test_t5_distill.py). The built-in
-# setting with tiny models, Adam, one epoch, small beams and a slice of the corpus.
+# setting with tiny models, Adam, one epoch, small beams, a slice of the corpus, two seeds and
+# the whole tuning of the relation settings.
 SETTINGS["smoke"] = dict(
     SETTINGS["builtin"],
     teacher=["--arch", "t5", "--preset", "t5-tiny"],             # 2 + 2 layers, width 16
     student=["--arch", "t5", "--layers", "1", "--d-model", "8", "--heads", "2", "--d-kv", "4",
              "--d-ff", "16", "--dropout", "0.0"],
-    optim=["--optim", "adam", "--batch-size", "32"],
+    optim=["--optim", "adam", "--batch-size", "32"], teacher_layers=[-1, 0], qq=["keep", "drop", "rescale"],
     teacher_epochs=1, student_epochs=1, relation_heads=2, seqkd_beam=2, report_beam=2,
-    max_train=200, max_eval=40)
+    max_train=200, max_eval=40, seeds=[1, 2])
 
-# The task-agnostic relation recipes of step 9: (row name, --relation-terms, folder prefix)
+# The task-agnostic relation recipes of step 6: (row name, --relation-terms recipe, folder prefix)
 RELATION_ROWS = [("MiniLM, then gold", "minilm", "student_minilm"),
                  ("MiniEnD-D, then gold", "miniend-d", "student_miniend_d"),
                  ("MiniEnD-E, then gold", "miniend-e", "student_miniend_e")]
+QQ_TERMS = {"enc-qq": "enc-kk", "dec-qq": "dec-kk"}     # each Q-Q term and the K-K term it is scaled to
 
-# The rows of the table: (name, model folder). Δ is against the student baseline.
+# The rows of the table: (name, model folder; a student's folder takes _s{seed}). Δ: against the
+# student baseline.
 ROWS = [
     ("Teacher baseline", "teacher"),
     ("Student baseline", "student"),
@@ -137,88 +156,237 @@ ROWS = [
     ("Seq-KD, then gold", "student_seqkd_gold"),
     ("Gold, then Seq-KD", "student_gold_seqkd"),
 ]
+# The claims, each (claim, the row that should be better, the row it should beat).
+CLAIMS = [("QuillBot: Seq-KD data first, then gold, beats the reverse", "student_seqkd_gold", "student_gold_seqkd"),
+          ("MiniEnD-D beats logit-only KD", "student_miniend_d_gold", "student_wordkd"),
+          ("MiniEnD-E beats logit-only KD", "student_miniend_e_gold", "student_wordkd"),
+          ("MiniEnD-D beats MiniLM-only", "student_miniend_d_gold", "student_minilm_gold"),
+          ("MiniEnD-E beats MiniLM-only", "student_miniend_e_gold", "student_minilm_gold")]
+
+
+# The relation settings: the Q-Q weight and the teacher layer ---------------------------------
+
+def relation_spec(recipe, qq, weights):
+    """--relation-terms of a relation recipe with the Q-Q choice: "keep" (weight 1), "drop" (0) or
+    "rescale" (weights[term]: K-K / Q-Q measured by the probe)."""
+    present = [t for t in QQ_TERMS if t in relation_losses.RELATION_RECIPES[recipe]]
+    if qq == "keep" or not present:
+        return recipe
+    return ",".join([recipe] + [f"{t}={0 if qq == 'drop' else weights[t]:.6g}" for t in present])
+
+
+def probe_weights(probe_dir):
+    """{Q-Q term: K-K / Q-Q} from the first (and only) evaluation of the probe run: the terms of its
+    first batch, a new student against the pre-trained teacher."""
+    parts = json.loads((Path(probe_dir) / "log.jsonl").read_text().splitlines()[0])["train_parts"]
+    return {qq: parts[kk] / parts[qq] for qq, kk in QQ_TERMS.items()}
+
+
+def candidates(S):
+    """The tuning runs, in order: (name, Q-Q choice or None for "the best of the first group", teacher layer)."""
+    first = [(f"qq-{qq}_L{S['teacher_layers'][0]}", qq, S["teacher_layers"][0]) for qq in S["qq"]]
+    return first, [(f"qq-best_L{layer}", None, layer) for layer in S["teacher_layers"][1:]]
+
+
+def valid_bleu(run_dir, names):
+    """{name: the best validation BLEU of the tuning run tune/NAME_gold}."""
+    return {n: json.loads((run_dir / "tune" / f"{n}_gold" / "done.json").read_text())["best_valid_bleu"]
+            for n in names}
+
+
+def best_of(scores):
+    """The first name with the highest score ({name: score}, in the candidates' order)."""
+    return max(scores, key=lambda n: (scores[n], -list(scores).index(n)))
+
+
+def qq_of(name):
+    return name.split("_")[0].removeprefix("qq-")          # "qq-drop_L-1" -> "drop"
 
 
 # The recipe ----------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    students_only = ("--students-only", dict(
-        action="store_true", help="only steps 6, 8 and 9 (no fine-tuned teacher needed): a second process "
-                                  "beside the full command, once its step 1 is done"))
     return steps.parse_args(argv, "Distil a T5-like translator: logit KD, MiniLM, MiniEnD-D/E, Seq-KD and "
-                            "both staged orders, and the table.", "t5_distill", extra_flags=[students_only])
+                            "both staged orders over seeds, and the table.", "t5_distill")
 
 
 def run(args):
     t_start = time.time()
     setting_name, S, run_dir, tgt, files = steps.setup_run(args, SETTINGS, "t5_distill", "T5 distillation")
     (train_src, train_ref), (valid_src, valid_ref), (test_src, test_ref) = files["train"], files["valid"], files["test"]
-    # the unlabelled text of span corruption: every training sentence of both languages
-    mono = run_dir / "mono.txt"
+    mono = run_dir / "mono.txt"     # the unlabelled text of span corruption: every training sentence of both languages
     if not mono.exists():
         write_lines(mono, data.read_lines(train_src) + data.read_lines(train_ref))
+    common = [*S["optim"], "--device", args.device]
 
-    common = [*S["optim"], "--seed", str(args.seed), "--device", args.device]
-
-    def translation(tgt_file, epochs, lr):
+    def translation(tgt_file, epochs, lr, seed):
         """Flags of a translation training on (train_src, tgt_file), chosen by validation BLEU."""
         return ["--train-src", train_src, "--train-tgt", tgt_file, "--valid-src", valid_src, "--valid-tgt",
-                valid_ref, *common, "--best-metric", "bleu", "--epochs", str(epochs), "--lr", str(lr)]
+                valid_ref, *common, "--seed", str(seed), "--best-metric", "bleu", "--epochs", str(epochs),
+                "--lr", str(lr), *S["schedule"]]
 
-    span_corruption = ["--span-corruption", "--mono", str(mono), "--valid-src", valid_src, *common,
-                       "--best-metric", "ppl", "--epochs", str(S["pretrain_epochs"]), "--lr", str(S["lr"])]
+    def span_corruption(seed, metric="ppl"):
+        return ["--span-corruption", "--mono", str(mono), "--valid-src", valid_src, *common, "--seed", str(seed),
+                "--best-metric", metric, "--epochs", str(S["pretrain_epochs"]), "--lr", str(S["lr"]),
+                *S["pretrain_schedule"]]
 
-    if args.students_only and not (run_dir / "teacher_pretrain" / "done.json").exists():
-        raise UserError(f"--students-only: step 1 is not done in {run_dir}; start the full command first, "
-                        "and this one when it has printed 'step 2'")
-    pretrained_teacher = train_step("step 1: teacher pre-training (T5 span corruption of the training text)",
-                                    run_dir / "teacher_pretrain", span_corruption + S["tokenizer"] + S["teacher"])
-    student = S["student"] + ["--vocab-from", pretrained_teacher]  # the joint vocabulary with sentinels
-    gold = translation(train_ref, S["student_epochs"], S["lr"])
-    if not args.students_only:
-        teacher = train_step("step 2: teacher (fine-tuned on the references)", run_dir / "teacher",
-                             translation(train_ref, S["teacher_epochs"], S["lr"]) + ["--init", pretrained_teacher])
-        seqkd_tgt = str(run_dir / "distill" / f"train.seqkd.{tgt}")
-        translate_step(f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the "
-                       "training source", seqkd_tgt, ["--ckpt", teacher, "--src", train_src, "--beam",
-                                                      str(S["seqkd_beam"]), "--device", args.device])
+    pre_dir, teacher_dir = run_dir / "teacher_pretrain", run_dir / "teacher"
+    pretrained, teacher = str(pre_dir / "best.pt"), str(teacher_dir / "best.pt")
+    pre_done, teacher_done = pre_dir / "done.json", teacher_dir / "done.json"
+    seqkd_tgt = str(run_dir / "distill" / f"train.seqkd.{tgt}")
+    student = S["student"] + ["--vocab-from", str(pre_dir / "last.pt")]  # the joint vocabulary with sentinels
+    jobs = [([], partial(train_step, "step 1: teacher pre-training (T5 span corruption of the training text)",
+                         pre_dir, span_corruption(args.seed) + S["tokenizer"] + S["teacher"])),
+            ([pre_done], partial(train_step, "step 2: teacher (fine-tuned on the references)", teacher_dir,
+                                 translation(train_ref, S["teacher_epochs"], S["lr"], args.seed)
+                                 + ["--init", pretrained])),
+            ([teacher_done], partial(translate_step, f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} "
+                                     "translation of the training source", seqkd_tgt,
+                                     ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
+                                      "--device", args.device]))]
 
-        train_step("step 4: logit KD (Word-KD from the teacher on the references)", run_dir / "student_wordkd",
-                   gold + student + ["--teacher", teacher, "--kd", "word", "--kd-alpha", str(S["kd_alpha"])])
-        seqkd = train_step("step 5: Seq-KD (from scratch, NLL on the teacher's translations)",
-                           run_dir / "student_seqkd",
-                           translation(seqkd_tgt, S["student_epochs"], S["lr"]) + student)
+    def relation_row(title, folder, gold_folder, recipe, seed, qq, layer, wait):
+        """A relation stage (its own loss on validation chooses it) in `folder`, then gold in `gold_folder`."""
+        stage = train_step(f"{title}: relation KD from the pre-trained teacher on span corruption", folder,
+                           span_corruption(seed, "loss") + student + [
+                               "--teacher", pretrained, "--kd", "relation", "--relation-terms",
+                               relation_spec(recipe, qq, probe_weights(run_dir / "tune" / "probe")),
+                               "--relation-heads", str(S["relation_heads"]), "--relation-teacher-layer", str(layer)],
+                           wait)
+        return stage and train_step(f"{title}: fine-tuned on the references", gold_folder,
+                                    translation(train_ref, S["student_epochs"], S["lr"], seed) + ["--init", stage],
+                                    wait)
 
-    baseline = train_step("step 6: student baseline (from scratch, NLL on the references)",
-                          run_dir / "student", gold + student)
+    # steps 4 and 5: the probe, and the tuning runs (seed 1: the first seed's MiniLM row is the chosen one)
+    probe = run_dir / "tune" / "probe"
+    jobs.append(([pre_done], partial(train_step, "step 4: the Q-Q probe", probe, span_corruption(S["seeds"][0])
+                                     + student + ["--teacher", pretrained, "--kd", "relation", "--relation-terms",
+                                                  ",".join([*QQ_TERMS, *QQ_TERMS.values()]), "--relation-heads",
+                                                  str(S["relation_heads"]), "--max-steps", "1", "--eval-every", "1"])))
+    first, second = candidates(S)
+    choice = run_dir / "tune" / "choice.json"
 
-    if not args.students_only:
-        train_step("step 7a: Seq-KD, then gold (fine-tune the Seq-KD student on the references)",
-                   run_dir / "student_seqkd_gold",
-                   translation(train_ref, S["finetune_epochs"], S["finetune_lr"]) + ["--init", seqkd])
-        train_step("step 7b: gold, then Seq-KD (fine-tune the baseline student on the Seq-KD data)",
-                   run_dir / "student_gold_seqkd",
-                   translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"]) + ["--init", baseline])
+    def tuning_run(name, qq, layer, wait):
+        qq = qq or qq_of(best_of(valid_bleu(run_dir, [n for n, _, _ in first])))
+        folder = run_dir / "tune" / name
+        return relation_row(f"step 5: MiniLM, {name}", folder, f"{folder}_gold", "minilm", S["seeds"][0], qq, layer,
+                            wait)
 
-    pretrained = train_step("step 8a: control: student pre-trained on span corruption, no teacher",
-                            run_dir / "student_pretrain", span_corruption + student)
-    train_step("step 8b: control: ... then fine-tuned on the references", run_dir / "student_pretrain_gold",
-               gold + ["--init", pretrained])
+    for name, qq, layer in first + second:
+        needs = [probe / "done.json"] + ([run_dir / "tune" / f"{n}_gold" / "done.json" for n, _, _ in first]
+                                         if qq is None else [])
+        jobs.append((needs, partial(tuning_run, name, qq, layer)))
 
-    for name, terms, prefix in RELATION_ROWS:
-        distilled = train_step(f"step 9a: {name.split(',')[0]}: relation KD from the pre-trained teacher on "
-                               "span corruption", run_dir / prefix,
-                               span_corruption + student + ["--teacher", pretrained_teacher, "--kd", "relation",
-                                                            "--relation-terms", terms,
-                                                            "--relation-heads", str(S["relation_heads"])])
-        train_step(f"step 9b: {name.split(',')[0]}: fine-tuned on the references", run_dir / f"{prefix}_gold",
-                   gold + ["--init", distilled])
-    if args.students_only:
+    def choose(wait):
+        scores = valid_bleu(run_dir, [n for n, _, _ in first + second])
+        best_first = best_of({n: scores[n] for n, _, _ in first})
+        best = best_of({n: scores[n] for n in [best_first] + [n for n, _, _ in second]})
+        layer = {n: lay for n, _, lay in first + second}[best]
+        runs.write_json(dict(best=best, qq=qq_of(best_first), teacher_layer=layer, valid_bleu=scores,
+                             weights=probe_weights(probe)), choice)
+        return str(choice)
+    jobs.append(([run_dir / "tune" / f"{n}_gold" / "done.json" for n, _, _ in first + second], choose))
+
+    # step 6: every student row, once per seed (all rows of the first seed first: a first result early)
+    def chosen_row(title, prefix, recipe, seed, wait):
+        c = json.loads(choice.read_text())
+        folder, gold_folder = run_dir / f"{prefix}_s{seed}", run_dir / f"{prefix}_gold_s{seed}"
+        if recipe == "minilm" and seed == S["seeds"][0]:   # the chosen tuning run is this row
+            for link, end in ((folder, ""), (gold_folder, "_gold")):
+                if not link.is_symlink():
+                    link.symlink_to(Path("tune") / f"{c['best']}{end}")
+            return str(gold_folder)
+        return relation_row(title, folder, gold_folder, recipe, seed, c["qq"], c["teacher_layer"], wait)
+
+    for seed in S["seeds"]:
+        s = f"_s{seed}"
+        gold = translation(train_ref, S["student_epochs"], S["lr"], seed)
+        row_jobs = [
+            ([pre_dir / "last.pt"], "student baseline", "student", gold + student),
+            ([pre_dir / "last.pt"], "control: span corruption, no teacher", "student_pretrain",
+             span_corruption(seed) + student),
+            ([run_dir / f"student_pretrain{s}" / "done.json"], "control: then the references", "student_pretrain_gold",
+             gold + ["--init", str(run_dir / f"student_pretrain{s}" / "best.pt")]),
+            ([teacher_done], "logit KD", "student_wordkd",
+             gold + student + ["--teacher", teacher, "--kd", "word", "--kd-alpha", str(S["kd_alpha"])]),
+            ([seqkd_tgt], "Seq-KD", "student_seqkd",
+             translation(seqkd_tgt, S["student_epochs"], S["lr"], seed) + student),
+            ([run_dir / f"student_seqkd{s}" / "done.json"], "Seq-KD, then gold", "student_seqkd_gold",
+             translation(train_ref, S["finetune_epochs"], S["finetune_lr"], seed)
+             + ["--init", str(run_dir / f"student_seqkd{s}" / "best.pt")]),
+            ([run_dir / f"student{s}" / "done.json", seqkd_tgt], "gold, then Seq-KD", "student_gold_seqkd",
+             translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"], seed)
+             + ["--init", str(run_dir / f"student{s}" / "best.pt")])]
+        for needs, title, folder, flags in row_jobs:
+            jobs.append((needs, partial(train_step, f"step 6: {title}, seed {seed}", run_dir / f"{folder}{s}", flags)))
+        for name, recipe, prefix in RELATION_ROWS:
+            jobs.append(([choice], partial(chosen_row, f"step 6: {name.split(',')[0]}, seed {seed}", prefix, recipe,
+                                           seed)))
+    steps.run_jobs(jobs)
+    if not steps.claim(run_dir / "table.running", "step 7", wait=False):
+        print("another process of this command is writing the table: it ends this one")
         return None
-
-    return steps.report_and_table("step 10", "Distilling a T5-like translator", "table", run_dir, ROWS, S,
+    spec = [(name, folder) if folder == "teacher" else (name, f"{folder}_s{seed}", seed)
+            for seed in S["seeds"] for name, folder in ROWS if seed == S["seeds"][0] or folder != "teacher"]
+    return steps.report_and_table("step 7", "Distilling a T5-like translator", "table", run_dir, spec, S,
                                   setting_name, test_src, test_ref, args.device, t_start,
-                                  "Δ: against the student baseline.")
+                                  "Δ: against the student baseline of the same seed.", more=add_claims)
+
+
+# Step 7: the seeds, the claims, the curves ------------------------------------------------------
+
+def add_claims(result, alpha=0.05):
+    """The summary over seeds, each row's p against the baseline, the claims decided on paired
+    bootstraps, the teacher's margin, the tuning and the curves (Markdown); the claims into result."""
+    tables = {}
+    for row in result["rows"]:
+        seed = row.get("seed")
+        folder = row["folder"].removesuffix(f"_s{seed}") if seed else row["folder"]
+        for s in [seed] if seed else result["settings"]["seeds"]:
+            tables.setdefault(s, {})[folder] = row
+    p_values = {(folder, s): paired_bootstrap(t["student"]["hyps_greedy"], row["hyps_greedy"], t["student"]["refs"])[2]
+                for s, t in tables.items() for folder, row in t.items() if folder.startswith("student_")}
+    claims = [decide(claim, better, worse, tables, alpha) for claim, better, worse in CLAIMS]
+    result["claims"] = [dict(claim=c, holds=v, numbers=n) for c, v, n in claims]
+    result["p_values"] = {f"{folder}_s{s}": p for (folder, s), p in p_values.items()}
+    student_mean = statistics.fmean(t["student"]["bleu_greedy"] for t in tables.values())
+    margin = tables[min(tables)]["teacher"]["bleu_greedy"] - student_mean
+    lines = [steps.seed_summary(tables, ROWS, p_values), "",
+             f"Teacher greedy BLEU minus the student baseline's mean: {margin:+.2f}.", "",
+             "| Claim | Verdict | Numbers |", "|---|---|---|", *[f"| {c} | {v} | {n} |" for c, v, n in claims]]
+    run_dir = Path(result["run_dir"])
+    if (run_dir / "tune" / "choice.json").exists():
+        c = json.loads((run_dir / "tune" / "choice.json").read_text())
+        lines += ["", f"Relation settings chosen on validation (seed 1): Q-Q {c['qq']}, teacher layer "
+                  f"{c['teacher_layer']}. Validation BLEU of MiniLM, then gold: " + ", ".join(
+                      f"{name} {bleu:.2f}" for name, bleu in c["valid_bleu"].items()) + "; rescaled Q-Q weights "
+                  "(K-K / Q-Q at the start): " + ", ".join(f"{t} {w:.3g}" for t, w in c["weights"].items()) + "."]
+    folders = [r["folder"] for r in result["rows"]]
+    stages = [f"{prefix}_s{s}" for s in sorted(tables) for _, _, prefix in RELATION_ROWS]   # the relation stages
+    lines += ["", steps.convergence_table(run_dir, folders), "",
+              steps.convergence_table(run_dir, stages, key="valid_loss"), "",
+              steps.convergence_table(run_dir, [f"student_pretrain_s{s}" for s in sorted(tables)], key="valid_ppl")]
+    return "\n".join(lines)
+
+
+def decide(claim, better, worse, tables, alpha):
+    """One claim: `better`'s greedy BLEU above `worse`'s. Holds: higher on the mean and on every seed,
+    each seed's paired bootstrap p < alpha; does not hold: not higher on the mean; else not significant."""
+    seeds = [s for s, t in tables.items() if better in t and worse in t]
+    if not seeds:
+        return claim, "not run", ""
+    diffs = {s: tables[s][better]["bleu_greedy"] - tables[s][worse]["bleu_greedy"] for s in seeds}
+    ps = {s: paired_bootstrap(tables[s][worse]["hyps_greedy"], tables[s][better]["hyps_greedy"],
+                              tables[s][worse]["refs"])[2] for s in seeds}
+    mean = statistics.fmean(diffs.values())
+    if mean <= 0:
+        verdict = "does not hold"
+    elif all(diffs[s] > 0 and ps[s] < alpha for s in seeds):
+        verdict = "holds"
+    else:
+        verdict = "not significant"
+    per_seed = "; ".join(f"seed {s}: {diffs[s]:+.2f}, p = {ps[s]:.3f}" for s in seeds)
+    return claim, verdict, f"mean {mean:+.2f} ({per_seed})"
 
 
 def main(argv=None):

@@ -112,7 +112,7 @@ def test_rerun_redoes_nothing_but_what_is_missing(smoke_run, monkeypatch):
 
 
 def test_a_step_another_live_process_runs_is_waited_for_not_run_twice(tmp_path, monkeypatch):
-    """Two processes of a recipe (t5_distill.py --students-only beside the full command) never
+    """Two processes of a recipe (the same command twice, each --threads 1) never
     train one folder together: a live process's `running` marker makes the other wait for its
     done.json; a dead process's marker is ignored and the step resumes from its last.pt."""
     calls = []

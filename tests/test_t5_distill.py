@@ -1,6 +1,7 @@
 """Smoke test of recipes/t5_distill.py: every step of the T5 distillation recipe runs on a tiny
-built-in corpus (--smoke), each model starts from the checkpoint its row says, the table has every
-row, and a rerun redoes nothing. ~10 s on one CPU thread."""
+built-in corpus (--smoke, two seeds and the whole tuning of the relation settings), each model starts from the
+checkpoint its row says, the table has every row of every seed, and a rerun redoes nothing. ~30 s on one CPU
+thread."""
 import json
 import os
 
@@ -28,18 +29,21 @@ def run_args(run_dir, folder):
     return load_checkpoint(run_dir / folder / "last.pt")["args"]
 
 
-def test_table_has_every_row_and_students_are_a_quarter(smoke_run):
+def test_table_has_every_row_of_every_seed_and_students_are_a_quarter(smoke_run):
     recipe, run_dir, result = smoke_run
     table = (run_dir / "table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [row.split(" | ")[0][2:] for row in rows] == [name for name, _ in recipe.ROWS]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [row.split(" | ")[0][2:] for row in rows[1:len(recipe.ROWS) * 2]]
+    assert names == ["Teacher baseline"] + [f"{name}, seed {seed}" for seed in (1, 2) for name, _ in recipe.ROWS[1:]]
     saved = json.loads((run_dir / "table.json").read_text())
-    assert saved["rows"] == result["rows"] and len(saved["rows"]) == 10
+    assert saved["rows"] == result["rows"] and len(saved["rows"]) == 1 + 2 * 9
     params = {r["folder"]: r["params"] for r in saved["rows"]}
-    assert params["teacher"] > 3 * params["student"]
+    assert params["teacher"] > 3 * params["student_s1"]
     assert len(set(params.values())) == 2          # every student has the same size
     for r in saved["rows"]:
         assert 0 <= r["bleu_greedy"] <= 100 and r["ppl"] > 1 and r["words_per_s_beam"] > 0
+    assert [c["claim"] for c in saved["claims"]] == [c for c, _, _ in recipe.CLAIMS]
+    assert all(c["holds"] in ("holds", "does not hold", "not significant") for c in saved["claims"])
 
 
 def test_each_row_starts_where_it_says(smoke_run):
@@ -50,23 +54,62 @@ def test_each_row_starts_where_it_says(smoke_run):
     pretrain = run_args(run_dir, "teacher_pretrain")
     assert pretrain["span_corruption"] and pretrain["mono"] == str(run_dir / "mono.txt") and pretrain["arch"] == "t5"
     assert run_args(run_dir, "teacher")["init"] == best["teacher_pretrain"]
-    # the relation rows: relation KD from the pre-trained teacher on span corruption, then gold
-    for _, terms, prefix in recipe.RELATION_ROWS:
-        stage1 = run_args(run_dir, prefix)
-        assert stage1["span_corruption"] and stage1["kd"] == "relation" and stage1["relation_terms"] == terms
-        assert stage1["teacher"] == best["teacher_pretrain"]
-        assert run_args(run_dir, prefix + "_gold")["init"] == best[prefix]
-    wordkd = run_args(run_dir, "student_wordkd")
+    # the relation rows: relation KD from the pre-trained teacher on span corruption, chosen by its own loss,
+    # with the Q-Q weight and the teacher layer chosen on validation, then gold
+    choice = json.loads((run_dir / "tune" / "choice.json").read_text())
+    for seed in (1, 2):
+        for _, terms, prefix in recipe.RELATION_ROWS:
+            stage1 = run_args(run_dir, f"{prefix}_s{seed}")
+            assert stage1["span_corruption"] and stage1["kd"] == "relation" and stage1["best_metric"] == "loss"
+            assert stage1["relation_terms"] == recipe.relation_spec(terms, choice["qq"], choice["weights"])
+            assert stage1["teacher"] == best["teacher_pretrain"]
+            assert stage1["relation_teacher_layer"] == choice["teacher_layer"] and stage1["seed"] == seed
+            gold_init = run_args(run_dir, f"{prefix}_gold_s{seed}")["init"]
+            assert gold_init == str(run_dir / f"{prefix}_s{seed}" / "best.pt") or (seed, terms) == (1, "minilm")
+    assert os.path.realpath(run_dir / "student_minilm_gold_s1") == str(run_dir / "tune" / f"{choice['best']}_gold")
+    wordkd = run_args(run_dir, "student_wordkd_s1")
     assert wordkd["kd"] == "word" and wordkd["teacher"] == best["teacher"] and wordkd["init"] is None
     # both staged orders
-    assert run_args(run_dir, "student_seqkd")["train_tgt"] == seqkd
-    seqkd_gold, gold_seqkd = run_args(run_dir, "student_seqkd_gold"), run_args(run_dir, "student_gold_seqkd")
-    assert seqkd_gold["init"] == best["student_seqkd"] and seqkd_gold["train_tgt"].endswith("train.de")
-    assert gold_seqkd["init"] == best["student"] and gold_seqkd["train_tgt"] == seqkd
+    assert run_args(run_dir, "student_seqkd_s2")["train_tgt"] == seqkd
+    seqkd_gold, gold_seqkd = run_args(run_dir, "student_seqkd_gold_s2"), run_args(run_dir, "student_gold_seqkd_s2")
+    assert seqkd_gold["init"] == best["student_seqkd_s2"] and seqkd_gold["train_tgt"].endswith("train.de")
+    assert gold_seqkd["init"] == best["student_s2"] and gold_seqkd["train_tgt"] == seqkd
     # one vocabulary everywhere: the pre-trained teacher's, joint, with the sentinels
     vocab = load_checkpoint(best["teacher_pretrain"])["vocab"]
-    for _, folder in recipe.ROWS:
-        assert load_checkpoint(best[folder])["vocab"] == vocab, folder
+    for _, folder in recipe.ROWS[1:]:
+        assert load_checkpoint(best[f"{folder}_s2"])["vocab"] == vocab, folder
+
+
+def test_the_tuning_keeps_drops_or_rescales_q_q_then_tries_the_other_layer_with_the_best(smoke_run):
+    recipe, run_dir, _ = smoke_run
+    choice = json.loads((run_dir / "tune" / "choice.json").read_text())
+    weights = recipe.probe_weights(run_dir / "tune" / "probe")
+    assert choice["weights"] == weights and all(w > 0 for w in weights.values())
+    first = {qq: run_args(run_dir, f"tune/qq-{qq}_L-1")["relation_terms"] for qq in ("keep", "drop", "rescale")}
+    assert first == {"keep": "minilm", "drop": "minilm,enc-qq=0", "rescale": f"minilm,enc-qq={weights['enc-qq']:.6g}"}
+    bleu = choice["valid_bleu"]
+    best_qq = max(["keep", "drop", "rescale"], key=lambda qq: (bleu[f"qq-{qq}_L-1"], -"keep drop rescale".find(qq)))
+    other = run_args(run_dir, "tune/qq-best_L0")
+    assert other["relation_terms"] == first[best_qq] and other["relation_teacher_layer"] == 0
+    assert choice["qq"] == best_qq
+    assert choice["best"] == max([f"qq-{best_qq}_L-1", "qq-best_L0"], key=lambda n: (bleu[n], n.endswith("L-1")))
+
+
+def test_relation_spec_and_the_claims_rule():
+    spec = t5_distill.relation_spec
+    w = {"enc-qq": 36.0, "dec-qq": 2.5}
+    assert spec("miniend-d", "drop", w) == "miniend-d,dec-qq=0"
+    assert spec("miniend-e", "rescale", w) == "miniend-e,enc-qq=36,dec-qq=2.5"
+    assert spec("minilm", "keep", w) == "minilm"
+    refs = [f"sentence number {i} is here" for i in range(40)]
+    good = {"hyps_greedy": refs, "refs": refs, "bleu_greedy": 100.0}
+    bad = {"hyps_greedy": ["nothing"] * 40, "refs": refs, "bleu_greedy": 0.0}
+    half = {"hyps_greedy": refs[:20] + ["nothing"] * 20, "refs": refs, "bleu_greedy": 60.0}
+    assert t5_distill.decide("c", "a", "b", {1: {"a": good, "b": bad}, 2: {"a": good, "b": bad}}, 0.05)[1] == "holds"
+    assert t5_distill.decide("c", "a", "b", {1: {"a": bad, "b": good}}, 0.05)[1] == "does not hold"
+    mixed = {1: {"a": good, "b": bad}, 2: {"a": half, "b": good}}      # +100 and -40: higher on the mean only
+    assert t5_distill.decide("c", "a", "b", mixed, 0.05)[1] == "not significant"
+    assert t5_distill.decide("c", "a", "x", mixed, 0.05)[1] == "not run"
 
 
 def test_rerun_redoes_nothing(smoke_run, monkeypatch):
@@ -78,21 +121,3 @@ def test_rerun_redoes_nothing(smoke_run, monkeypatch):
     monkeypatch.setattr(train, "main", nothing)
     monkeypatch.setattr(translate, "main", nothing)
     assert recipe.main(["--smoke", "--threads", "1", "--run-dir", str(run_dir)])["rows"]
-
-
-def test_students_only_runs_the_steps_that_need_no_fine_tuned_teacher(tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="--students-only: step 1 is not done"):
-        t5_distill.main(["--smoke", "--run-dir", str(tmp_path), "--students-only"])
-    trained = []
-
-    def fake_train(argv):
-        save_dir = argv[argv.index("--save-dir") + 1]
-        trained.append(os.path.basename(save_dir))
-        return {}
-
-    monkeypatch.setattr(train, "main", fake_train)
-    (tmp_path / "teacher_pretrain").mkdir()
-    (tmp_path / "teacher_pretrain" / "done.json").write_text("{}")
-    assert t5_distill.main(["--smoke", "--run-dir", str(tmp_path), "--students-only"]) is None
-    assert trained == ["student", "student_pretrain", "student_pretrain_gold",
-                       *[folder for _, _, prefix in t5_distill.RELATION_ROWS for folder in (prefix, prefix + "_gold")]]

@@ -122,9 +122,7 @@ def test_decay_patience_halves_after_k_evaluations_without_a_new_best():
     for i, bleu in enumerate([10, 9, 12, 11, 11.5, 13, 12, 12.5, 12.8, 12.9], 1):
         lr, record = progress.lr, {"valid_ppl": 5.0, "valid_bleu": bleu}
         train.schedule_lr(run, record, epoch_ended=True)
-        better = progress.improves(record, "bleu")        # what save_checkpoints then counts
-        progress.best_valid_bleu = max(progress.best_valid_bleu, bleu)
-        progress.evals_since_best = 0 if better else progress.evals_since_best + 1
+        progress.add_evaluation(record, "bleu")           # what save_checkpoints then counts
         if progress.lr < lr:
             halved.append(i)
     assert halved == [5, 8, 10]

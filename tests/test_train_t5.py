@@ -1,6 +1,7 @@
 """Tests for train.py with the T5-like model: optimizer defaults, Adafactor, relation KD, span
 corruption, --normalize. The corpus, the helpers and the plain LSTM run come from test_train.py."""
 import argparse
+import math
 
 import pytest
 import torch
@@ -136,6 +137,42 @@ def test_relation_kd_step_is_kd_losses_relation_kd_loss(corpus, t5_teacher, tmp_
                                                             "cross-qk", "cross-vv"}
     for name, value in parts.items():
         assert record["train_parts"][name] == pytest.approx(value.item(), rel=1e-5), name
+
+
+def test_best_metric_loss_keeps_the_model_with_the_lowest_validation_objective(corpus, t5_teacher, tmp_path):
+    """--best-metric loss with relation KD: every evaluation logs the objective on the validation data, the
+    token-weighted mean of compute_loss over its batches (recomputed here from last.pt), and best.pt is the
+    model of the evaluation with the lowest one."""
+    teacher = t5_teacher / "best.pt"
+    train.main(flags(corpus, tmp_path, *T5_FLAGS, "--d-model", 8, "--d-kv", 4, "--teacher", teacher, "--kd",
+                     "relation", "--relation-terms", "minilm,enc-qq=0", "--relation-heads", 4, "--best-metric", "loss",
+                     "--max-steps", 12, "--eval-every", 2, "--lr", 0.05))
+    records = log(tmp_path)
+    losses = [r["valid_loss"] for r in records]
+    assert len(losses) == 6 and len(set(losses)) == 6
+    best = min(records, key=lambda r: r["valid_loss"])
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == best["step"]
+
+    src_vocab, tgt_vocab = data.vocabs_from_checkpoint(load_checkpoint(teacher))
+    pairs, _ = data.clean_pairs(data.read_parallel(corpus["--valid-src"], corpus["--valid-tgt"]), verbose=False)
+    examples = data.encode_pairs(pairs, src_vocab, tgt_vocab)
+    batching = argparse.Namespace(batch_tokens=None, batch_size=16, seed=3)
+    kd = kd_losses.Distillation(model_from_checkpoint(load_checkpoint(teacher)), "relation",
+                                terms={"enc-kk": 1.0, "enc-vv": 1.0}, relation_heads=4)
+    student = model_from_checkpoint(load_checkpoint(tmp_path / "last.pt")).eval()
+    total, ntokens = 0.0, 0
+    for idxs in train.make_batches(examples, batching, shuffle=False):
+        batch = data.collate(examples, idxs)
+        with torch.no_grad():
+            total += kd_losses.compute_loss(student, batch, kd)[0].item() * batch.ntokens
+        ntokens += batch.ntokens
+    assert records[-1]["valid_loss"] == pytest.approx(total / ntokens, rel=1e-5)
+
+
+def test_best_metric_loss_without_a_teacher_is_the_log_of_the_perplexity(corpus, tmp_path):
+    train.main(flags(corpus, tmp_path, "--best-metric", "loss", "--max-steps", 4, "--eval-every", 2))
+    for r in log(tmp_path):
+        assert r["valid_loss"] == pytest.approx(math.log(r["valid_ppl"]), rel=1e-5)
 
 
 def test_normalize_sents_is_tokens_times_ntokens_over_sentences(corpus, straight, t5_teacher, tmp_path):
