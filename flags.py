@@ -34,8 +34,9 @@ that translation and span-corruption models can share one vocabulary (a teacher 
 --span-corruption does the same for an LSTM.
 
 Every evaluation (each epoch, or every --eval-every steps) computes the validation perplexity and the
-BLEU and chrF of one greedy decoding, writes SAVE_DIR/last.pt, then appends a line to SAVE_DIR/log.jsonl;
-SAVE_DIR/best.pt keeps the model with the best validation perplexity (--best-metric bleu: by BLEU), and with
+BLEU and chrF of one greedy decoding (with a teacher, also the training objective), writes SAVE_DIR/last.pt,
+then appends a line to SAVE_DIR/log.jsonl; SAVE_DIR/best.pt keeps the model with the best validation
+perplexity (--best-metric bleu: by BLEU; loss: by the objective), and with
 --keep-epochs N SAVE_DIR/epoch{E}.pt the model after each of the last N epochs (for average.py --last N). last.pt
 is also written every --save-every minutes (default 10), so a killed run loses little. --resume continues
 from last.pt to the same result an uninterrupted run gives: the batches of an epoch depend only on (--seed,
