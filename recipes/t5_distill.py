@@ -22,7 +22,8 @@ is not running (steps.run_jobs).
   step 5   the relation settings, on validation, seed 1 (only where a setting lists several): MiniLM with
            the Q-Q term kept, dropped and rescaled (teacher layer: the last), then the best of those from
            each other teacher layer; the best fine-tuned validation BLEU decides -> tune/choice.json
-  step 6   every student row, once per seed (FOLDER_s1, FOLDER_s2, ...):
+  step 6   every student row, once per seed (FOLDER_s1, FOLDER_s2, ...); the baseline and the control
+           of every seed run first (after steps 1-3, before steps 4-5): they need no teacher:
              student baseline      ~1/4 of the teacher, from scratch, NLL on the references
              control               span corruption WITHOUT a teacher, then the references: what pre-training
                                    alone gives the relation rows
@@ -287,7 +288,8 @@ def run(args):
         return str(choice)
     jobs.append(([run_dir / "tune" / f"{n}_gold" / "done.json" for n, _, _ in first + second], choose))
 
-    # step 6: every student row, once per seed (all rows of the first seed first: a first result early)
+    # step 6: every student row, once per seed. The rows that need no teacher (the baseline and the control)
+    # of every seed come first, right after the teacher's steps: they stay valid if the teacher is changed.
     def chosen_row(title, prefix, recipe, seed, wait):
         c = json.loads(choice.read_text())
         folder, gold_folder = run_dir / f"{prefix}_s{seed}", run_dir / f"{prefix}_gold_s{seed}"
@@ -298,6 +300,7 @@ def run(args):
             return str(gold_folder)
         return relation_row(title, folder, gold_folder, recipe, seed, c["qq"], c["teacher_layer"], wait)
 
+    no_teacher = []
     for seed in S["seeds"]:
         s = f"_s{seed}"
         gold = translation(train_ref, S["student_epochs"], S["lr"], seed)
@@ -317,12 +320,13 @@ def run(args):
             ([run_dir / f"student{s}" / "done.json", seqkd_tgt], "gold, then Seq-KD", "student_gold_seqkd",
              translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"], seed)
              + ["--init", str(run_dir / f"student{s}" / "best.pt")])]
-        for needs, title, folder, flags in row_jobs:
-            jobs.append((needs, partial(train_step, f"step 6: {title}, seed {seed}", run_dir / f"{folder}{s}", flags)))
+        for i, (needs, title, folder, flags) in enumerate(row_jobs):
+            (no_teacher if i < 3 else jobs).append(
+                (needs, partial(train_step, f"step 6: {title}, seed {seed}", run_dir / f"{folder}{s}", flags)))
         for name, recipe, prefix in RELATION_ROWS:
             jobs.append(([choice], partial(chosen_row, f"step 6: {name.split(',')[0]}, seed {seed}", prefix, recipe,
                                            seed)))
-    steps.run_jobs(jobs)
+    steps.run_jobs(jobs[:3] + no_teacher + jobs[3:])      # jobs[:3]: steps 1-3
     if not steps.claim(run_dir / "table.running", "step 7", wait=False):
         print("another process of this command is writing the table: it ends this one")
         return None
