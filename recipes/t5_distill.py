@@ -211,125 +211,144 @@ def parse_args(argv=None):
                             "both staged orders over seeds, and the table.", "t5_distill")
 
 
-def run(args):
-    t_start = time.time()
-    setting_name, S, run_dir, tgt, files = steps.setup_run(args, SETTINGS, "t5_distill", "T5 distillation")
-    (train_src, train_ref), (valid_src, valid_ref), (test_src, test_ref) = files["train"], files["valid"], files["test"]
-    mono = run_dir / "mono.txt"     # the unlabelled text of span corruption: every training sentence of both languages
-    if not mono.exists():
-        write_lines(mono, data.read_lines(train_src) + data.read_lines(train_ref))
-    common = [*S["optim"], "--device", args.device]
+class Recipe:
+    """The flags and the jobs of one run folder (steps 1-6); run() puts the jobs in order. A job is
+    (the files it needs, a function of `wait` that runs it): steps.run_jobs."""
 
-    def translation(tgt_file, epochs, lr, seed):
+    def __init__(self, S, run_dir, files, tgt, device, seed):
+        self.S, self.run_dir, self.device, self.seed = S, run_dir, device, seed      # seed: the teacher's
+        (self.train_src, self.train_ref), (self.valid_src, self.valid_ref) = files["train"], files["valid"]
+        self.mono = run_dir / "mono.txt"     # span corruption's unlabelled text: the training text of both sides
+        self.common = [*S["optim"], "--device", device]
+        self.pre_dir, self.teacher_dir = run_dir / "teacher_pretrain", run_dir / "teacher"
+        self.pretrained, self.teacher = str(self.pre_dir / "best.pt"), str(self.teacher_dir / "best.pt")
+        self.seqkd_tgt = str(run_dir / "distill" / f"train.seqkd.{tgt}")
+        self.student = S["student"] + ["--vocab-from", str(self.pre_dir / "last.pt")]  # the joint vocabulary
+        self.probe, self.choice = run_dir / "tune" / "probe", run_dir / "tune" / "choice.json"
+        self.first, self.second = candidates(S)
+
+    def translation(self, tgt_file, epochs, lr, seed):
         """Flags of a translation training on (train_src, tgt_file), chosen by validation BLEU."""
-        return ["--train-src", train_src, "--train-tgt", tgt_file, "--valid-src", valid_src, "--valid-tgt",
-                valid_ref, *common, "--seed", str(seed), "--best-metric", "bleu", "--epochs", str(epochs),
-                "--lr", str(lr), *S["schedule"]]
+        return ["--train-src", self.train_src, "--train-tgt", tgt_file, "--valid-src", self.valid_src,
+                "--valid-tgt", self.valid_ref, *self.common, "--seed", str(seed), "--best-metric", "bleu",
+                "--epochs", str(epochs), "--lr", str(lr), *self.S["schedule"]]
 
-    def span_corruption(seed, metric="ppl"):
-        return ["--span-corruption", "--mono", str(mono), "--valid-src", valid_src, *common, "--seed", str(seed),
-                "--best-metric", metric, "--epochs", str(S["pretrain_epochs"]), "--lr", str(S["lr"]),
-                *S["pretrain_schedule"]]
+    def span_corruption(self, seed, metric="ppl"):
+        S = self.S
+        return ["--span-corruption", "--mono", str(self.mono), "--valid-src", self.valid_src, *self.common,
+                "--seed", str(seed), "--best-metric", metric, "--epochs", str(S["pretrain_epochs"]),
+                "--lr", str(S["lr"]), *S["pretrain_schedule"]]
 
-    pre_dir, teacher_dir = run_dir / "teacher_pretrain", run_dir / "teacher"
-    pretrained, teacher = str(pre_dir / "best.pt"), str(teacher_dir / "best.pt")
-    pre_done, teacher_done = pre_dir / "done.json", teacher_dir / "done.json"
-    seqkd_tgt = str(run_dir / "distill" / f"train.seqkd.{tgt}")
-    student = S["student"] + ["--vocab-from", str(pre_dir / "last.pt")]  # the joint vocabulary with sentinels
-    jobs = [([], partial(train_step, "step 1: teacher pre-training (T5 span corruption of the training text)",
-                         pre_dir, span_corruption(args.seed) + S["tokenizer"] + S["teacher"])),
-            ([pre_done], partial(train_step, "step 2: teacher (fine-tuned on the references)", teacher_dir,
-                                 translation(train_ref, S["teacher_epochs"], S["lr"], args.seed)
-                                 + ["--init", pretrained])),
-            ([teacher_done], partial(translate_step, f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} "
-                                     "translation of the training source", seqkd_tgt,
-                                     ["--ckpt", teacher, "--src", train_src, "--beam", str(S["seqkd_beam"]),
-                                      "--device", args.device]))]
+    def teacher_jobs(self):
+        """Steps 1-3: pre-train the teacher, fine-tune it, translate the training source with it."""
+        S, pre_done = self.S, self.pre_dir / "done.json"
+        return [([], partial(train_step, "step 1: teacher pre-training (T5 span corruption of the training text)",
+                             self.pre_dir, self.span_corruption(self.seed) + S["tokenizer"] + S["teacher"])),
+                ([pre_done], partial(train_step, "step 2: teacher (fine-tuned on the references)", self.teacher_dir,
+                                     self.translation(self.train_ref, S["teacher_epochs"], S["lr"], self.seed)
+                                     + ["--init", self.pretrained])),
+                ([self.teacher_dir / "done.json"], partial(
+                    translate_step, f"step 3: Seq-KD data: the teacher's beam-{S['seqkd_beam']} translation of the "
+                    "training source", self.seqkd_tgt, ["--ckpt", self.teacher, "--src", self.train_src,
+                                                        "--beam", str(S["seqkd_beam"]), "--device", self.device]))]
 
-    def relation_row(title, folder, gold_folder, recipe, seed, qq, layer, wait):
+    def relation_row(self, title, folder, gold_folder, recipe, seed, qq, layer, wait):
         """A relation stage (its own loss on validation chooses it) in `folder`, then gold in `gold_folder`."""
+        S = self.S
         stage = train_step(f"{title}: relation KD from the pre-trained teacher on span corruption", folder,
-                           span_corruption(seed, "loss") + student + [
-                               "--teacher", pretrained, "--kd", "relation", "--relation-terms",
-                               relation_spec(recipe, qq, probe_weights(run_dir / "tune" / "probe")),
+                           self.span_corruption(seed, "loss") + self.student + [
+                               "--teacher", self.pretrained, "--kd", "relation", "--relation-terms",
+                               relation_spec(recipe, qq, probe_weights(self.probe)),
                                "--relation-heads", str(S["relation_heads"]), "--relation-teacher-layer", str(layer)],
                            wait)
         return stage and train_step(f"{title}: fine-tuned on the references", gold_folder,
-                                    translation(train_ref, S["student_epochs"], S["lr"], seed) + ["--init", stage],
-                                    wait)
+                                    self.translation(self.train_ref, S["student_epochs"], S["lr"], seed)
+                                    + ["--init", stage], wait)
 
-    # steps 4 and 5: the probe, and the tuning runs (seed 1: the first seed's MiniLM row is the chosen one)
-    probe = run_dir / "tune" / "probe"
-    jobs.append(([pre_done], partial(train_step, "step 4: the Q-Q probe", probe, span_corruption(S["seeds"][0])
-                                     + student + ["--teacher", pretrained, "--kd", "relation", "--relation-terms",
-                                                  ",".join([*QQ_TERMS, *QQ_TERMS.values()]), "--relation-heads",
-                                                  str(S["relation_heads"]), "--max-steps", "1", "--eval-every", "1"])))
-    first, second = candidates(S)
-    choice = run_dir / "tune" / "choice.json"
+    def tuning_jobs(self):
+        """Steps 4 and 5: the probe, the tuning runs (MiniLM, seed 1), the choice."""
+        S, first = self.S, [n for n, _, _ in self.first]
+        probe_flags = self.span_corruption(S["seeds"][0]) + self.student + [
+            "--teacher", self.pretrained, "--kd", "relation",
+            "--relation-terms", ",".join([*QQ_TERMS, *QQ_TERMS.values()]),
+            "--relation-heads", str(S["relation_heads"]), "--max-steps", "1", "--eval-every", "1"]
+        jobs = [([self.pre_dir / "done.json"], partial(train_step, "step 4: the Q-Q probe", self.probe, probe_flags))]
+        for name, qq, layer in self.first + self.second:
+            needs = [self.probe / "done.json"] + ([self.gold_done(n) for n in first] if qq is None else [])
+            jobs.append((needs, partial(self.tuning_run, name, qq, layer)))
+        return jobs + [([self.gold_done(n) for n, _, _ in self.first + self.second], self.choose)]
 
-    def tuning_run(name, qq, layer, wait):
-        qq = qq or qq_of(best_of(valid_bleu(run_dir, [n for n, _, _ in first])))
-        folder = run_dir / "tune" / name
-        return relation_row(f"step 5: MiniLM, {name}", folder, f"{folder}_gold", "minilm", S["seeds"][0], qq, layer,
-                            wait)
+    def gold_done(self, name):
+        return self.run_dir / "tune" / f"{name}_gold" / "done.json"
 
-    for name, qq, layer in first + second:
-        needs = [probe / "done.json"] + ([run_dir / "tune" / f"{n}_gold" / "done.json" for n, _, _ in first]
-                                         if qq is None else [])
-        jobs.append((needs, partial(tuning_run, name, qq, layer)))
+    def tuning_run(self, name, qq, layer, wait):
+        qq = qq or qq_of(best_of(valid_bleu(self.run_dir, [n for n, _, _ in self.first])))
+        folder = self.run_dir / "tune" / name
+        return self.relation_row(f"step 5: MiniLM, {name}", folder, f"{folder}_gold", "minilm", self.S["seeds"][0],
+                                 qq, layer, wait)
 
-    def choose(wait):
-        scores = valid_bleu(run_dir, [n for n, _, _ in first + second])
-        best_first = best_of({n: scores[n] for n, _, _ in first})
-        best = best_of({n: scores[n] for n in [best_first] + [n for n, _, _ in second]})
-        layer = {n: lay for n, _, lay in first + second}[best]
+    def choose(self, wait):
+        first, second = [n for n, _, _ in self.first], [n for n, _, _ in self.second]
+        scores = valid_bleu(self.run_dir, first + second)
+        best_first = best_of({n: scores[n] for n in first})
+        best = best_of({n: scores[n] for n in [best_first] + second})
+        layer = {n: lay for n, _, lay in self.first + self.second}[best]
         runs.write_json(dict(best=best, qq=qq_of(best_first), teacher_layer=layer, valid_bleu=scores,
-                             weights=probe_weights(probe)), choice)
-        return str(choice)
-    jobs.append(([run_dir / "tune" / f"{n}_gold" / "done.json" for n, _, _ in first + second], choose))
+                             weights=probe_weights(self.probe)), self.choice)
+        return str(self.choice)
 
-    # step 6: every student row, once per seed. The rows that need no teacher (the baseline and the control)
-    # of every seed come first, right after the teacher's steps: they stay valid if the teacher is changed.
-    def chosen_row(title, prefix, recipe, seed, wait):
-        c = json.loads(choice.read_text())
-        folder, gold_folder = run_dir / f"{prefix}_s{seed}", run_dir / f"{prefix}_gold_s{seed}"
-        if recipe == "minilm" and seed == S["seeds"][0]:   # the chosen tuning run is this row
+    def chosen_row(self, title, prefix, recipe, seed, wait):
+        """A relation row with the chosen settings; seed 1's MiniLM row is the chosen tuning run."""
+        c = json.loads(self.choice.read_text())
+        folder, gold_folder = self.run_dir / f"{prefix}_s{seed}", self.run_dir / f"{prefix}_gold_s{seed}"
+        if recipe == "minilm" and seed == self.S["seeds"][0]:
             for link, end in ((folder, ""), (gold_folder, "_gold")):
                 if not link.is_symlink():
                     link.symlink_to(Path("tune") / f"{c['best']}{end}")
             return str(gold_folder)
-        return relation_row(title, folder, gold_folder, recipe, seed, c["qq"], c["teacher_layer"], wait)
+        return self.relation_row(title, folder, gold_folder, recipe, seed, c["qq"], c["teacher_layer"], wait)
 
-    no_teacher = []
-    for seed in S["seeds"]:
-        s = f"_s{seed}"
-        gold = translation(train_ref, S["student_epochs"], S["lr"], seed)
-        row_jobs = [
-            ([pre_dir / "last.pt"], "student baseline", "student", gold + student),
-            ([pre_dir / "last.pt"], "control: span corruption, no teacher", "student_pretrain",
-             span_corruption(seed) + student),
-            ([run_dir / f"student_pretrain{s}" / "done.json"], "control: then the references", "student_pretrain_gold",
-             gold + ["--init", str(run_dir / f"student_pretrain{s}" / "best.pt")]),
-            ([teacher_done], "logit KD", "student_wordkd",
-             gold + student + ["--teacher", teacher, "--kd", "word", "--kd-alpha", str(S["kd_alpha"])]),
-            ([seqkd_tgt], "Seq-KD", "student_seqkd",
-             translation(seqkd_tgt, S["student_epochs"], S["lr"], seed) + student),
-            ([run_dir / f"student_seqkd{s}" / "done.json"], "Seq-KD, then gold", "student_seqkd_gold",
-             translation(train_ref, S["finetune_epochs"], S["finetune_lr"], seed)
-             + ["--init", str(run_dir / f"student_seqkd{s}" / "best.pt")]),
-            ([run_dir / f"student{s}" / "done.json", seqkd_tgt], "gold, then Seq-KD", "student_gold_seqkd",
-             translation(seqkd_tgt, S["finetune_epochs"], S["finetune_lr"], seed)
-             + ["--init", str(run_dir / f"student{s}" / "best.pt")])]
-        for i, (needs, title, folder, flags) in enumerate(row_jobs):
-            (no_teacher if i < 3 else jobs).append(
-                (needs, partial(train_step, f"step 6: {title}, seed {seed}", run_dir / f"{folder}{s}", flags)))
-        for name, recipe, prefix in RELATION_ROWS:
-            jobs.append(([choice], partial(chosen_row, f"step 6: {name.split(',')[0]}, seed {seed}", prefix, recipe,
-                                           seed)))
-    steps.run_jobs(jobs[:3] + no_teacher + jobs[3:])      # jobs[:3]: steps 1-3
+    def seed_jobs(self, seed):
+        """Step 6 for one seed: (the jobs that need no teacher: baseline and control; the others)."""
+        S, r, s, seqkd = self.S, self.run_dir, f"_s{seed}", self.seqkd_tgt
+        gold = self.translation(self.train_ref, S["student_epochs"], S["lr"], seed)
+        vocab, teacher_done = self.pre_dir / "last.pt", self.teacher_dir / "done.json"
+        then = partial(self.translation, epochs=S["finetune_epochs"], lr=S["finetune_lr"], seed=seed)
+        rows = [([vocab], "student baseline", "student", gold + self.student),
+                ([vocab], "control: span corruption, no teacher", "student_pretrain",
+                 self.span_corruption(seed) + self.student),
+                ([r / f"student_pretrain{s}" / "done.json"], "control: then the references", "student_pretrain_gold",
+                 gold + ["--init", str(r / f"student_pretrain{s}" / "best.pt")]),
+                ([teacher_done], "logit KD", "student_wordkd",
+                 gold + self.student + ["--teacher", self.teacher, "--kd", "word", "--kd-alpha", str(S["kd_alpha"])]),
+                ([seqkd], "Seq-KD", "student_seqkd",
+                 self.translation(seqkd, S["student_epochs"], S["lr"], seed) + self.student),
+                ([r / f"student_seqkd{s}" / "done.json"], "Seq-KD, then gold", "student_seqkd_gold",
+                 then(self.train_ref) + ["--init", str(r / f"student_seqkd{s}" / "best.pt")]),
+                ([r / f"student{s}" / "done.json", seqkd], "gold, then Seq-KD", "student_gold_seqkd",
+                 then(seqkd) + ["--init", str(r / f"student{s}" / "best.pt")])]
+        jobs = [(needs, partial(train_step, f"step 6: {title}, seed {seed}", r / f"{folder}{s}", flags))
+                for needs, title, folder, flags in rows]
+        jobs += [([self.choice], partial(self.chosen_row, f"step 6: {name.split(',')[0]}, seed {seed}", prefix,
+                                         recipe, seed)) for name, recipe, prefix in RELATION_ROWS]
+        return jobs[:3], jobs[3:]
+
+
+def run(args):
+    t_start = time.time()
+    setting_name, S, run_dir, tgt, files = steps.setup_run(args, SETTINGS, "t5_distill", "T5 distillation")
+    recipe = Recipe(S, run_dir, files, tgt, args.device, args.seed)
+    if not recipe.mono.exists():
+        write_lines(recipe.mono, data.read_lines(recipe.train_src) + data.read_lines(recipe.train_ref))
+    # The rows that need no teacher (the baseline and the control) of every seed come right after the
+    # teacher's steps: they stay valid if the teacher is changed.
+    per_seed = [recipe.seed_jobs(seed) for seed in S["seeds"]]
+    steps.run_jobs(recipe.teacher_jobs() + [j for no_teacher, _ in per_seed for j in no_teacher]
+                   + recipe.tuning_jobs() + [j for _, rest in per_seed for j in rest])
     if not steps.claim(run_dir / "table.running", "step 7", wait=False):
         print("another process of this command is writing the table: it ends this one")
         return None
+    test_src, test_ref = files["test"]
     spec = [(name, folder) if folder == "teacher" else (name, f"{folder}_s{seed}", seed)
             for seed in S["seeds"] for name, folder in ROWS if seed == S["seeds"][0] or folder != "teacher"]
     return steps.report_and_table("step 7", "Distilling a T5-like translator", "table", run_dir, spec, S,
