@@ -80,8 +80,8 @@ SETTINGS = {
         # 3 + 3 layers, width 256 (~7.6M parameters with the 8k embedding)
         teacher=["--arch", "t5", "--layers", "3", "--d-model", "256", "--heads", "4", "--d-kv", "64",
                  "--d-ff", "1024", "--dropout", "0.1"],
-        # 2 + 2 layers, width 64 (~0.74M): the width-128 student (1.9M) reached validation BLEU 37.3,
-        # level with the teacher (BENCHMARKS.md, "Twelfth session"), too close for a teacher worth distilling
+        # 2 + 2 layers, width 64 (~0.74M): a width-128 student (1.9M) reached validation BLEU 37.3, level
+        # with the teacher (BENCHMARKS.md, "Eleventh and twelfth sessions"): no teacher worth distilling
         student=["--arch", "t5", "--layers", "2", "--d-model", "64", "--heads", "4", "--d-kv", "16",
                  "--d-ff", "256", "--dropout", "0.1"],
         optim=["--optim", "adafactor", "--batch-size", "64"],
@@ -238,6 +238,7 @@ class Recipe:
                 "--epochs", str(epochs), "--lr", str(lr), *self.S["schedule"]]
 
     def span_corruption(self, seed, metric="ppl", epochs_key="student_pretrain_epochs"):
+        """Flags of a span-corruption stage (unlabelled text), chosen by `metric` on validation."""
         S = self.S
         return ["--span-corruption", "--mono", str(self.mono), "--valid-src", self.valid_src, *self.common,
                 "--seed", str(seed), "--best-metric", metric, "--epochs", str(S[epochs_key]),

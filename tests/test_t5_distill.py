@@ -112,6 +112,21 @@ def test_relation_spec_and_the_claims_rule():
     assert t5_distill.decide("c", "a", "x", mixed, 0.05)[1] == "not run"
 
 
+def test_teacher_and_students_pretrain_to_their_own_ceilings(tmp_path):
+    S = dict(t5_distill.SETTINGS["smoke"], pretrain_epochs=3, student_pretrain_epochs=7)
+    files = {"train": ("t.en", "t.de"), "valid": ("v.en", "v.de"), "test": ("s.en", "s.de")}
+    recipe = t5_distill.Recipe(S, tmp_path, files, "de", "cpu", seed=1)
+
+    def epochs(job):
+        flags = job[1].args[2]                          # partial(train_step, title, folder, flags)
+        return flags[flags.index("--epochs") + 1]
+
+    no_teacher, _ = recipe.seed_jobs(2)
+    assert epochs(recipe.teacher_jobs()[0]) == "3"      # the teacher's span corruption
+    assert epochs(no_teacher[1]) == "7"                 # the control's
+    assert epochs(no_teacher[0]) == str(S["student_epochs"]) and "--span-corruption" not in no_teacher[0][1].args[2]
+
+
 def test_rerun_redoes_nothing(smoke_run, monkeypatch):
     recipe, run_dir, _ = smoke_run
 
