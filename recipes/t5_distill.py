@@ -80,8 +80,8 @@ SETTINGS = {
         # 3 + 3 layers, width 256 (~7.6M parameters with the 8k embedding)
         teacher=["--arch", "t5", "--layers", "3", "--d-model", "256", "--heads", "4", "--d-kv", "64",
                  "--d-ff", "1024", "--dropout", "0.1"],
-        # 2 + 2 layers, width 64 (~0.74M): a width-128 student (1.9M) reached validation BLEU 37.3, level
-        # with the teacher (BENCHMARKS.md, "Eleventh and twelfth sessions"): no teacher worth distilling
+        # 2 + 2 layers, width 64 (~0.74M): a width-128 student (1.9M) reached validation BLEU 37.3, only 2.2
+        # below the teacher (BENCHMARKS.md, "Eleventh and twelfth sessions"): no teacher worth distilling
         student=["--arch", "t5", "--layers", "2", "--d-model", "64", "--heads", "4", "--d-kv", "16",
                  "--d-ff", "256", "--dropout", "0.1"],
         optim=["--optim", "adafactor", "--batch-size", "64"],
@@ -89,11 +89,13 @@ SETTINGS = {
         pretrain_schedule=["--decay-on-plateau", "--patience", "2"],
         lr=1e-2,               # T5's pre-training rate; Adafactor's steps are relative to each weight's size
         finetune_lr=1e-3,      # T5's fine-tuning rate: the second stage of a staged order
-        pretrain_epochs=10,    # ceilings: the teacher's span corruption over both sides of the training text,
-        student_pretrain_epochs=20,   # a student's (the control's and the relation stages': a relation loss
-        teacher_epochs=40,     # was still falling 1-9% an epoch at 10), the teacher, the students, a second stage
+        # Epoch ceilings:
+        pretrain_epochs=10,           # the teacher's span corruption over both sides of the training text
+        student_pretrain_epochs=20,   # a student's: the control's and the relation stages' (at 10, a relation
+                                      # loss was still falling 0.7-9% an epoch)
+        teacher_epochs=40,
         student_epochs=60,
-        finetune_epochs=20,
+        finetune_epochs=20,           # the second stage of a staged order
         kd_alpha=0.5,          # Word-KD as Kim & Rush
         relation_heads=8,      # divides both inner widths (256, 64)
         teacher_layers=[-1, 1],              # the last, and the upper-middle one (the second of three)
