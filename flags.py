@@ -50,7 +50,9 @@ stops with an error (kd_losses.DivergenceCheck).
 Several GPUs: under `torchrun --nproc_per_node N` every process runs this same loop on 1/N of each batch
 (--batch-size and --batch-tokens are the size of the whole batch, over all processes, so the same flags
 give the same training on 1 or N GPUs); DistributedDataParallel adds up the gradients. Process 0
-evaluates, writes the checkpoints and the log, and prints (train.py, "Several processes").
+evaluates, writes the checkpoints and the log, and prints (train.py, "Several processes"). One exception:
+with --kd relation each process averages a relation term over its own rows and weighs it by its share of
+the target tokens, which is close to one process's step but not equal to it.
 
 flags.py is this command line (this text is its --help): defaults, flags, and what the flags name.
 """

@@ -242,9 +242,11 @@ def compute_loss(model, batch, kd: Distillation | None = None, normalize="tokens
     `normalize` is; for a composite loss also each term per token: "nll" and "word_kd", or the
     relation terms}), the parts detached."""
     if kd is not None and kd.kind == "relation":
-        logits, _, qkv = model(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)  # (B, T, V)
+        enc = relation_losses.encoder_only(kd.terms)      # then no logits: (None, None, qkv)
+        logits, _, qkv = model(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True, encoder_only=enc)
         with torch.no_grad():
-            teacher_logits, _, teacher_qkv = kd.teacher(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)
+            teacher_logits, _, teacher_qkv = kd.teacher(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True,
+                                                        encoder_only=enc)
         loss, parts = relation_losses.relation_kd_loss(
             qkv, teacher_qkv, kd.terms, kd.relation_heads, kd.student_layer, kd.teacher_layer,
             student_logits=logits, teacher_logits=teacher_logits, target=batch.tgt_out, T=kd.temperature)

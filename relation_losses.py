@@ -99,6 +99,12 @@ def parse_relation_terms(spec):
     return terms
 
 
+def encoder_only(terms):
+    """True when every term is a relation of the encoder's self-attention (MiniLM): the loss then needs
+    neither model's decoder nor output layer, and T5Model.forward(..., encoder_only=True) skips them."""
+    return all(name in RELATION_TERMS and RELATION_TERMS[name][0] == "enc_self" for name in terms)
+
+
 def check_relation_heads(relation_heads, teacher_width, student_width):
     """UserError unless R divides both inner attention widths (heads * d_kv)."""
     if relation_heads < 1 or teacher_width % relation_heads or student_width % relation_heads:

@@ -400,7 +400,7 @@ class T5Model(nn.Module):
         """Select rows of every state tensor: index (B',) -> a state of batch B'."""
         return {k: v.index_select(0, index) for k, v in state.items()}
 
-    def forward(self, src, src_mask, tgt_in, return_qkv=False):
+    def forward(self, src, src_mask, tgt_in, return_qkv=False, encoder_only=False):
         """Teacher forcing. src, src_mask (B, S); tgt_in (B, T) = [BOS y1 .. yn], PAD-padded ->
         logits (B, T, V) and the last layer's cross-attention averaged over heads (B, T, S).
 
@@ -409,8 +409,13 @@ class T5Model(nn.Module):
              "dec_self": [per decoder layer {"q", "k", "v"}, each (B, heads, T, d_kv)],
              "cross":    [per decoder layer {"q": (B, heads, T, d_kv), "k", "v": (B, heads, S, d_kv)}],
              "src_mask": (B, S), "tgt_mask": (B, T) = tgt_in != PAD}      (True = real token)
-        These are the tensors the layers compute anyway: asking for them costs nothing."""
+        These are the tensors the layers compute anyway: asking for them costs nothing.
+        encoder_only=True (with return_qkv) runs the encoder alone, for relation terms of the encoder
+        only: (None, None, {"enc_self", "src_mask"}), without the decoder's and output layer's work."""
         record = {"enc_self": [], "dec_self": [], "cross": []} if return_qkv else None
+        if encoder_only:
+            self.encode(src, src_mask, record)
+            return None, None, {"enc_self": record["enc_self"], "src_mask": src_mask}
         state = self.start(src, src_mask, record)
         y, attn, _ = self.decode(tgt_in, state, record)
         logits = self.output(y)                                       # (B, T, V)

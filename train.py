@@ -115,10 +115,9 @@ class Run:
       (texts, for BLEU); --span-corruption: train_sentences and sentinels, for each epoch's examples.
     make_models: arch, config, model (evaluated and saved), train_model (the same, in DDP under
       torchrun), masks ({name: bool tensor, True = kept}, a pruned model's), n_params, kd.
-    make_optimizer: optimizer, progress. Since the last evaluation: part_sums ({part: Σ per-token
-      value x ntokens}), tokens, train_time; last_eval_step, last_record (its log.jsonl line);
-      log_rows (the rows of log.jsonl), saved_at (run.elapsed() when last.pt was last written); divergence
-      (kd_losses.DivergenceCheck: it watches the training loss)."""
+    make_optimizer: optimizer, progress. Since the last evaluation: part_sums ({part: Σ per-token value x
+      ntokens}), tokens, train_time; last_eval_step, last_record (its log.jsonl line); log_rows (log.jsonl's
+      rows), saved_at (run.elapsed() at the last write of last.pt); divergence (kd_losses.DivergenceCheck)."""
 
     def __init__(self, args, rank: int, world: int, device: torch.device):
         self.args, self.rank, self.world, self.device = args, rank, world, device
@@ -195,9 +194,10 @@ def make_models(run: Run, start, teacher_ckpt) -> None:
         teacher = model_from_checkpoint(teacher_ckpt, device=device).requires_grad_(False) if teacher_ckpt else None
     run.kd = make_distillation(args, run.model, teacher)  # the teacher in eval mode, without gradients
     run.train_model = run.model
-    if run.world > 1:
-        device_ids = [device] if device.type == "cuda" else None
-        run.train_model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids)
+    if run.world > 1:  # a relation loss may leave parameters out (MiniLM: the decoder): DDP must look for them
+        run.train_model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=run.kd is not None and run.kd.kind == "relation")
 
 
 def make_optimizer(run: Run, resume: dict | None) -> None:

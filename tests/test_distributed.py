@@ -1,6 +1,6 @@
 """Tests for running under torchrun on CPU (gloo backend, 2 processes): sharded distillation-data
-generation in translate.py, and training in train.py. Each torchrun launch starts 3 Python processes, so the file keeps to few
-launches with tiny models."""
+generation in translate.py, and training in train.py. Each torchrun launch starts 3 Python processes,
+so the file keeps to few launches with tiny models."""
 import os
 import subprocess
 import sys
@@ -100,18 +100,21 @@ def read_log(save_dir):
     return [json.loads(line) for line in (Path(save_dir) / "log.jsonl").read_text().splitlines()]
 
 
-def test_train_two_processes_take_the_steps_of_one_and_resume(tmp_path):
-    # 2 processes x (4 or 3 sentences) against 1 process x 7 sentences: the same whole batches, so
-    # the same steps. Shares of unequal size and unequal token counts test the loss weighting.
+def corpus_flags(tmp_path):
+    """train.py's data flags for 100 training and 20 validation pairs written under tmp_path, batches of 7."""
     pairs = synthetic.synthetic_corpus(120, seed=3)
     for name, part in [("train", pairs[:100]), ("valid", pairs[100:])]:
         (tmp_path / f"{name}.en").write_text("\n".join(s for s, _ in part) + "\n")
         (tmp_path / f"{name}.de").write_text("\n".join(t for _, t in part) + "\n")
-    flags = ["--train-src", tmp_path / "train.en", "--train-tgt", tmp_path / "train.de",
-             "--valid-src", tmp_path / "valid.en", "--valid-tgt", tmp_path / "valid.de",
-             "--preset", "tiny", "--optim", "sgd", "--lr", "0.5", "--batch-size", "7",
-             "--eval-every", "1", "--seed", "3", "--device", "cpu"]
-    flags = [str(f) for f in flags]
+    return [str(f) for f in ["--train-src", tmp_path / "train.en", "--train-tgt", tmp_path / "train.de",
+                             "--valid-src", tmp_path / "valid.en", "--valid-tgt", tmp_path / "valid.de",
+                             "--batch-size", "7", "--eval-every", "1", "--seed", "3", "--device", "cpu"]]
+
+
+def test_train_two_processes_take_the_steps_of_one_and_resume(tmp_path):
+    # 2 processes x (4 or 3 sentences) against 1 process x 7 sentences: the same whole batches, so
+    # the same steps. Shares of unequal size and unequal token counts test the loss weighting.
+    flags = corpus_flags(tmp_path) + ["--preset", "tiny", "--optim", "sgd", "--lr", "0.5"]
     one = train.main(flags + ["--max-steps", "6", "--save-dir", str(tmp_path / "one")])
 
     two = tmp_path / "two"            # 3 steps, stopped, then --resume to step 6, all under torchrun
@@ -132,6 +135,30 @@ def test_train_two_processes_take_the_steps_of_one_and_resume(tmp_path):
     final_two = seqmodel.load_checkpoint(two / "last.pt")["model"]
     for name, weight in final_one.items():
         assert torch.allclose(final_two[name], weight, atol=1e-5), name
+
+
+def test_minilm_under_torchrun_trains_as_one_process(tmp_path):
+    # MiniLM's loss reads the encoder alone, so the decoder's parameters get no gradient: unless
+    # DistributedDataParallel is told to look for such parameters, its second step fails.
+    flags = corpus_flags(tmp_path) + ["--arch", "t5", "--preset", "t5-tiny", "--optim", "adam", "--lr", "0.01"]
+    train.main(flags + ["--max-steps", "2", "--save-dir", str(tmp_path / "teacher")])
+    flags += ["--teacher", str(tmp_path / "teacher" / "last.pt"), "--kd", "relation", "--relation-terms", "minilm",
+              "--relation-heads", "2", "--max-steps", "3"]
+    one = train.main(flags + ["--save-dir", str(tmp_path / "one")])
+    run = torchrun(ROOT / "train.py", *flags, "--save-dir", tmp_path / "two")
+    assert run.returncode == 0, run.stderr[-3000:]
+    log_one, log_two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in log_two] == [1, 2, 3]
+    # each process averages a relation term over its own rows (source tokens, here) and weighs it by its
+    # share of the target tokens: close to the one-process step, not equal to it (see flags.py)
+    for a, b in zip(log_one, log_two):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    final_one = seqmodel.load_checkpoint(one["last_path"])["model"]
+    final_two = seqmodel.load_checkpoint(tmp_path / "two" / "last.pt")["model"]
+    for name, weight in final_one.items():
+        assert torch.allclose(final_two[name], weight, atol=1e-3), name
+        if name.startswith("decoder."):         # untouched in both: the same initialisation, no update
+            assert torch.equal(final_two[name], weight), name
 
 
 def test_share_of_batch_counts_what_normalize_divides_by():

@@ -195,6 +195,19 @@ def test_return_qkv_shapes_and_same_outputs():
     torch.testing.assert_close(qkv["enc_self"][0]["q"], q0)
 
 
+def test_encoder_only_records_the_encoders_qkv_and_skips_the_decoder(monkeypatch):
+    m = tiny_t5()
+    src, src_mask = padded(SRC, 6)
+    tgt_in, _ = padded(TGT_IN, 5)
+    with torch.no_grad():
+        _, _, full = m(src, src_mask, tgt_in, return_qkv=True)
+        monkeypatch.setattr(m, "decode", None)      # calling the decoder would fail
+        logits, attn, enc = m(src, src_mask, tgt_in, return_qkv=True, encoder_only=True)
+    assert logits is None and attn is None and enc.keys() == {"enc_self", "src_mask"}
+    for a, b in zip(full["enc_self"], enc["enc_self"], strict=True):
+        assert all(torch.equal(a[x], b[x]) for x in "qkv")
+
+
 def test_gradients_reach_every_parameter():
     m = tiny_t5(ff="gated-gelu", tie_output=False, share_embeddings=False).train()
     src, src_mask = padded(SRC, 6)

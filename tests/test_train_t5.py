@@ -113,13 +113,16 @@ def first_batch(corpus, vocab_ckpt, batch_size=16, seed=3):
     return data.collate(examples, train.make_batches(examples, batching, shuffle=True, epoch=1)[0])
 
 
-def test_relation_kd_step_is_kd_losses_relation_kd_loss(corpus, t5_teacher, tmp_path):
-    # a T5 student half the teacher's width (inner 8 vs 16), one step of MiniEnD-D + NLL
+@pytest.mark.parametrize("terms, names", [
+    ("miniend-d,nll=0.5", {"logit", "nll", "dec-qq", "dec-kk", "dec-vv", "cross-qk", "cross-vv"}),
+    ("minilm", {"enc-qq", "enc-kk", "enc-vv"}),       # trained on the encoders alone (encoder_only)
+])
+def test_relation_kd_step_is_kd_losses_relation_kd_loss(corpus, t5_teacher, tmp_path, terms, names):
+    # a T5 student half the teacher's width (inner 8 vs 16), one step of MiniEnD-D + NLL, or of MiniLM
     teacher = t5_teacher / "best.pt"
     train.main(flags(corpus, tmp_path / "s0", *T5_FLAGS, "--d-model", 8, "--d-kv", 4, "--teacher", teacher,
                      "--max-steps", 1))
     student0 = tmp_path / "s0" / "last.pt"
-    terms = "miniend-d,nll=0.5"
     train.main(flags(corpus, tmp_path / "s1", "--init", student0, "--teacher", teacher, "--kd", "relation",
                      "--relation-terms", terms, "--relation-heads", 4, "--max-steps", 1, "--eval-every", 1))
     record = log(tmp_path / "s1")[0]
@@ -131,10 +134,10 @@ def test_relation_kd_step_is_kd_losses_relation_kd_loss(corpus, t5_teacher, tmp_
         s_logits, _, s_qkv = student(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)
         t_logits, _, t_qkv = teacher_model(batch.src, batch.src_mask, batch.tgt_in, return_qkv=True)
     loss, parts = relation_losses.relation_kd_loss(s_qkv, t_qkv, relation_losses.parse_relation_terms(terms), 4,
-                                             student_logits=s_logits, teacher_logits=t_logits, target=batch.tgt_out)
+                                                   student_logits=s_logits, teacher_logits=t_logits,
+                                                   target=batch.tgt_out)
     assert record["train_loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert record["train_parts"].keys() == parts.keys() == {"logit", "nll", "dec-qq", "dec-kk", "dec-vv",
-                                                            "cross-qk", "cross-vv"}
+    assert record["train_parts"].keys() == parts.keys() == names
     for name, value in parts.items():
         assert record["train_parts"][name] == pytest.approx(value.item(), rel=1e-5), name
 
