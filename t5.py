@@ -410,12 +410,13 @@ class T5Model(nn.Module):
              "cross":    [per decoder layer {"q": (B, heads, T, d_kv), "k", "v": (B, heads, S, d_kv)}],
              "src_mask": (B, S), "tgt_mask": (B, T) = tgt_in != PAD}      (True = real token)
         These are the tensors the layers compute anyway: asking for them costs nothing.
-        encoder_only=True (with return_qkv) runs the encoder alone, for relation terms of the encoder
-        only: (None, None, {"enc_self", "src_mask"}), without the decoder's and output layer's work."""
-        record = {"enc_self": [], "dec_self": [], "cross": []} if return_qkv else None
+        encoder_only=True runs the encoder alone, for relation terms of the encoder only, and returns
+        (None, None, {"enc_self", "src_mask"}): no decoder and no output layer."""
         if encoder_only:
+            record = {"enc_self": [], "src_mask": src_mask}
             self.encode(src, src_mask, record)
-            return None, None, {"enc_self": record["enc_self"], "src_mask": src_mask}
+            return None, None, record
+        record = {"enc_self": [], "dec_self": [], "cross": []} if return_qkv else None
         state = self.start(src, src_mask, record)
         y, attn, _ = self.decode(tgt_in, state, record)
         logits = self.output(y)                                       # (B, T, V)
